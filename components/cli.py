@@ -1,0 +1,33 @@
+"""The command line every component shares: `--params FILE` and repeated `--set section.key=value`."""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from typing import Any, Callable
+
+from sicot.config import ConfigError, Params, load_params
+
+
+def parser(description: str) -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(description=description)
+    p.add_argument("--params", default="params.yaml", help="params file (default: params.yaml)")
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="SECTION.KEY=VALUE",
+                   help="override one parameter; repeatable, e.g. --set train.mode=baseline")
+    return p
+
+
+def main(run: Callable[..., Any], description: str, argv: list[str] | None = None,
+         extra: Callable[[argparse.ArgumentParser], None] | None = None) -> None:
+    """Parse the shared options (plus `extra` ones, passed to `run` as keywords), run, print outputs as JSON."""
+    p = parser(description)
+    if extra:
+        extra(p)
+    args = vars(p.parse_args(argv))
+    try:
+        params: Params = load_params(args.pop("params"), args.pop("overrides"))
+    except ConfigError as exc:
+        p.error(str(exc))
+    outputs = run(params, **args)
+    print(json.dumps(outputs, indent=2, ensure_ascii=False, default=str))
+    sys.stdout.flush()

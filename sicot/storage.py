@@ -1,0 +1,229 @@
+"""URIs in, bytes and files out: local paths and `s3://bucket/key` behind one small API.
+
+Writes are atomic: a local file is written under a temporary name and renamed; an S3 PUT is atomic by
+nature. `swap` is a compare-and-swap (S3 conditional writes `If-None-Match: *` / `If-Match: <etag>`,
+a file lock locally), so two concurrent writers of a pointer such as `index/CURRENT` cannot both win.
+The S3 endpoint and credentials come from boto3's usual sources (`AWS_ENDPOINT_URL`, `AWS_*` keys).
+"""
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import functools
+import hashlib
+import os
+import shutil
+import tempfile
+import uuid
+from pathlib import Path
+from typing import Iterator
+
+
+class StorageError(OSError):
+    pass
+
+
+def is_s3(uri: str) -> bool:
+    return str(uri).startswith("s3://")
+
+
+def join(uri: str, *parts: str) -> str:
+    if is_s3(uri):
+        return "/".join([str(uri).rstrip("/"), *(p.strip("/") for p in parts)])
+    return str(Path(uri, *parts))
+
+
+def _split(uri: str) -> tuple[str, str]:
+    bucket, _, key = str(uri)[len("s3://"):].partition("/")
+    if not bucket:
+        raise StorageError(f"{uri}: no bucket in S3 URI")
+    return bucket, key
+
+
+@functools.cache
+def s3():
+    import boto3  # lazy: boto3 costs import time and is only needed for s3:// URIs
+
+    return boto3.client("s3")
+
+
+def _is_missing(exc: Exception) -> bool:
+    code = getattr(exc, "response", {}).get("Error", {}).get("Code", "")
+    return code in ("NoSuchKey", "404", "NotFound")
+
+
+def read_bytes(uri: str) -> bytes:
+    if is_s3(uri):
+        bucket, key = _split(uri)
+        try:
+            return s3().get_object(Bucket=bucket, Key=key)["Body"].read()
+        except Exception as exc:
+            if _is_missing(exc):
+                raise FileNotFoundError(uri) from None
+            raise
+    return Path(uri).read_bytes()
+
+
+def read_text(uri: str) -> str:
+    return read_bytes(uri).decode("utf-8")
+
+
+def exists(uri: str) -> bool:
+    if is_s3(uri):
+        bucket, key = _split(uri)
+        try:
+            s3().head_object(Bucket=bucket, Key=key)
+            return True
+        except Exception as exc:
+            if _is_missing(exc):
+                return False
+            raise
+    return Path(uri).exists()
+
+
+def write_bytes(uri: str, data: bytes) -> None:
+    """Write all of `data` or nothing: readers never see a partial file."""
+    if is_s3(uri):
+        bucket, key = _split(uri)
+        s3().put_object(Bucket=bucket, Key=key, Body=data)
+        return
+    path = Path(uri)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as fh:
+            fh.write(data)
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(tmp)
+        raise
+
+
+def write_text(uri: str, text: str) -> None:
+    write_bytes(uri, text.encode("utf-8"))
+
+
+def list_keys(prefix: str) -> list[str]:
+    """Every object (file) under `prefix`, as full URIs, sorted."""
+    if is_s3(prefix):
+        bucket, key = _split(prefix)
+        key = key.rstrip("/") + "/" if key else ""
+        out = []
+        for page in s3().get_paginator("list_objects_v2").paginate(Bucket=bucket, Prefix=key):
+            out += [f"s3://{bucket}/{obj['Key']}" for obj in page.get("Contents", [])]
+        return sorted(out)
+    root = Path(prefix)
+    return sorted(str(p) for p in root.rglob("*") if p.is_file()) if root.is_dir() else []
+
+
+def list_children(prefix: str) -> list[str]:
+    """Names directly under `prefix` (one level), sorted."""
+    if is_s3(prefix):
+        bucket, key = _split(prefix)
+        key = key.rstrip("/") + "/" if key else ""
+        names = set()
+        for page in s3().get_paginator("list_objects_v2").paginate(Bucket=bucket, Prefix=key, Delimiter="/"):
+            names |= {p["Prefix"][len(key):].strip("/") for p in page.get("CommonPrefixes", [])}
+            names |= {o["Key"][len(key):] for o in page.get("Contents", [])}
+        return sorted(names)
+    root = Path(prefix)
+    return sorted(p.name for p in root.iterdir()) if root.is_dir() else []
+
+
+def delete_tree(prefix: str) -> None:
+    if is_s3(prefix):
+        keys = [_split(u)[1] for u in list_keys(prefix)]
+        bucket = _split(prefix)[0]
+        for start in range(0, len(keys), 1000):
+            chunk = [{"Key": k} for k in keys[start:start + 1000]]
+            s3().delete_objects(Bucket=bucket, Delete={"Objects": chunk})
+        return
+    shutil.rmtree(prefix, ignore_errors=True)
+
+
+def etag(data: bytes) -> str:
+    return hashlib.md5(data).hexdigest()
+
+
+def read_versioned(uri: str) -> tuple[bytes | None, str | None]:
+    """The object and a token for `swap` (None, None when it does not exist)."""
+    if is_s3(uri):
+        bucket, key = _split(uri)
+        try:
+            obj = s3().get_object(Bucket=bucket, Key=key)
+        except Exception as exc:
+            if _is_missing(exc):
+                return None, None
+            raise
+        return obj["Body"].read(), obj["ETag"]
+    try:
+        data = Path(uri).read_bytes()
+    except FileNotFoundError:
+        return None, None
+    return data, etag(data)
+
+
+@contextlib.contextmanager
+def _local_lock(path: Path) -> Iterator[None]:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path.with_name(f".{path.name}.lock"), "w") as fh:
+        fcntl.flock(fh, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(fh, fcntl.LOCK_UN)
+
+
+def swap(uri: str, data: bytes, expected: str | None) -> bool:
+    """Write `data` only if the object still matches `expected` (a token from `read_versioned`;
+    None = must not exist). Returns False, writing nothing, when another writer got there first."""
+    if is_s3(uri):
+        bucket, key = _split(uri)
+        cond = {"IfNoneMatch": "*"} if expected is None else {"IfMatch": expected}
+        try:
+            s3().put_object(Bucket=bucket, Key=key, Body=data, **cond)
+            return True
+        except Exception as exc:
+            code = getattr(exc, "response", {}).get("Error", {}).get("Code", "")
+            if code in ("PreconditionFailed", "412", "ConditionalRequestConflict", "409"):
+                return False
+            raise
+    path = Path(uri)
+    with _local_lock(path):
+        if read_versioned(uri)[1] != expected:
+            return False
+        write_bytes(uri, data)
+        return True
+
+
+@contextlib.contextmanager
+def atomic_dir(path: str | Path) -> Iterator[Path]:
+    """Build a directory under a temporary sibling name; it replaces `path` only on success.
+
+    A step killed halfway leaves the previous output (or nothing) in place, never a half output.
+    """
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp-{uuid.uuid4().hex[:8]}")
+    tmp.mkdir()
+    try:
+        yield tmp
+        old = path.with_name(f".{path.name}.old-{uuid.uuid4().hex[:8]}")
+        if path.exists():
+            os.replace(path, old)
+        os.replace(tmp, path)
+        shutil.rmtree(old, ignore_errors=True)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+def local_copy(uri: str, dest: str | Path) -> Path:
+    """Fetch `uri` into the local file `dest` (a no-op copy for local paths), atomically."""
+    dest = Path(dest)
+    if not is_s3(uri) and Path(uri).resolve() == dest.resolve():
+        return dest
+    write_bytes(str(dest), read_bytes(uri))
+    return dest

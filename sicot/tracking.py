@@ -1,0 +1,106 @@
+"""MLflow helpers: one parent run per pipeline run, a child run per step, and registry aliases.
+
+Embedded default: `sqlite:///mlflow.db` in the working directory with artifacts in `mlartifacts/`, so a
+newcomer needs no server; `MLFLOW_TRACKING_URI` points everything at a real server instead. A step
+finds its parent through `SICOT_PARENT_RUN_ID`, which works across processes (DVC stages, pods).
+mlflow is imported inside functions: it costs seconds of import time that most CLIs never need.
+"""
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import os
+import subprocess
+from pathlib import Path
+from typing import Iterator
+
+from sicot import storage
+from sicot.config import Params
+
+EXPERIMENT = "sicot"
+PARENT_ENV = "SICOT_PARENT_RUN_ID"
+
+
+def tracking_uri() -> str:
+    return os.environ.get("MLFLOW_TRACKING_URI") or f"sqlite:///{Path('mlflow.db').resolve()}"
+
+
+def setup():
+    """Point mlflow at the configured store and select (or create) the `sicot` experiment."""
+    import mlflow
+
+    uri = tracking_uri()
+    mlflow.set_tracking_uri(uri)
+    mlflow.set_registry_uri(uri)
+    if mlflow.get_experiment_by_name(EXPERIMENT) is None:
+        # A local store keeps artifacts beside the database; a server decides its own artifact root.
+        location = Path("mlartifacts").resolve().as_uri() if uri.startswith("sqlite:") else None
+        mlflow.create_experiment(EXPERIMENT, artifact_location=location)
+    mlflow.set_experiment(EXPERIMENT)
+    return mlflow
+
+
+def git_commit() -> str:
+    try:
+        out = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, timeout=10)
+    except (OSError, subprocess.TimeoutExpired):
+        return "unknown"
+    return out.stdout.strip() if out.returncode == 0 else "unknown"
+
+
+def data_version(prepared: str) -> str:
+    """Content hash of a prepared dataset's record files: changes whenever the data DVC tracks does."""
+    digest = hashlib.md5()
+    for name in ("labels.json", "train.jsonl", "val.jsonl", "test.jsonl", "catalog.jsonl"):
+        uri = storage.join(prepared, name)
+        if storage.exists(uri):
+            digest.update(name.encode() + b"\0" + storage.read_bytes(uri))
+    return digest.hexdigest()
+
+
+def is_main_process() -> bool:
+    return int(os.environ.get("RANK", "0")) == 0
+
+
+@contextlib.contextmanager
+def pipeline_run(params: Params, name: str = "sicot-pipeline") -> Iterator[str]:
+    """The parent run of one pipeline execution; steps started inside it become its children.
+
+    The parent is created through the client rather than `start_run`, so it never sits on a thread's
+    active-run stack where it would collide with the steps' own runs.
+    """
+    mlflow = setup()
+    client = mlflow.MlflowClient()
+    experiment = mlflow.get_experiment_by_name(EXPERIMENT).experiment_id
+    run = client.create_run(experiment, run_name=name, tags={"git_commit": git_commit()})
+    run_id = run.info.run_id
+    flat = params.flat("data", "word2vec", "train", "evaluate", "promote")
+    client.log_batch(run_id, params=[mlflow.entities.Param(k, str(v)) for k, v in flat.items()])
+    previous = os.environ.get(PARENT_ENV)
+    os.environ[PARENT_ENV] = run_id
+    status = "FAILED"
+    try:
+        yield run_id
+        status = "FINISHED"
+    finally:
+        client.set_terminated(run_id, status)
+        if previous is None:
+            os.environ.pop(PARENT_ENV, None)
+        else:
+            os.environ[PARENT_ENV] = previous
+
+
+@contextlib.contextmanager
+def step_run(step: str, params: Params, sections: tuple[str, ...] = ()) -> Iterator[object]:
+    """An MLflow run for one step: params of its sections logged once, tagged with commit and data.
+
+    Nested under the pipeline's parent run when one is active (`SICOT_PARENT_RUN_ID`).
+    """
+    mlflow = setup()
+    tags = {"step": step, "git_commit": git_commit(), "data_version": data_version(params.paths.prepared)}
+    parent = os.environ.get(PARENT_ENV)
+    if parent:
+        tags["mlflow.parentRunId"] = parent
+    with mlflow.start_run(run_name=step, tags=tags) as run:
+        mlflow.log_params(params.flat(*sections) if sections else params.flat())
+        yield run

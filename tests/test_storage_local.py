@@ -1,0 +1,50 @@
+import threading
+
+import pytest
+
+from sicot import storage
+
+
+def test_write_read_list_delete(tmp_path):
+    root = str(tmp_path / "root")
+    storage.write_text(storage.join(root, "a", "x.txt"), "hello")
+    storage.write_bytes(storage.join(root, "b.bin"), b"\x00\x01")
+    assert storage.read_text(storage.join(root, "a", "x.txt")) == "hello"
+    assert storage.list_children(root) == ["a", "b.bin"]
+    assert [k.rsplit("/", 1)[1] for k in storage.list_keys(root)] == ["x.txt", "b.bin"]
+    storage.delete_tree(storage.join(root, "a"))
+    assert not storage.exists(storage.join(root, "a", "x.txt"))
+    assert list(tmp_path.rglob("*.tmp")) == []
+
+
+def test_swap_is_compare_and_swap(tmp_path):
+    uri = str(tmp_path / "CURRENT")
+    assert storage.swap(uri, b"v1", expected=None)
+    assert not storage.swap(uri, b"v2", expected=None)
+    data, token = storage.read_versioned(uri)
+    assert data == b"v1"
+    assert storage.swap(uri, b"v2", expected=token)
+    assert not storage.swap(uri, b"v3", expected=token)
+    assert storage.read_bytes(uri) == b"v2"
+
+
+def test_swap_race_has_one_winner(tmp_path):
+    uri = str(tmp_path / "CURRENT")
+    wins = []
+    threads = [threading.Thread(target=lambda i=i: wins.append(storage.swap(uri, f"{i}".encode(), None)))
+               for i in range(8)]
+    [t.start() for t in threads]
+    [t.join() for t in threads]
+    assert wins.count(True) == 1
+
+
+def test_atomic_dir_keeps_previous_output_on_failure(tmp_path):
+    out = tmp_path / "out"
+    with storage.atomic_dir(out) as tmp:
+        (tmp / "f").write_text("first")
+    with pytest.raises(RuntimeError):
+        with storage.atomic_dir(out) as tmp:
+            (tmp / "f").write_text("half")
+            raise RuntimeError("killed")
+    assert (out / "f").read_text() == "first"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["out"]
