@@ -77,6 +77,7 @@ class Train:
     amp: bool = True
     compile: bool = False
     workers: int = 0
+    nproc: int = 1
     fc: str = "auto"
     fc_chunk_rows: int = 0
     fc_sample_rate: float = 1.0
@@ -93,6 +94,7 @@ class Evaluate:
 @dataclass
 class Promote:
     model_name: str = "sicot"
+    candidate: str = "sicot"
     max_tail_drop: float = 0.02
 
 
@@ -115,6 +117,7 @@ CHOICES = {
     "data.on_bad_record": ("error", "skip"),
     "data.profile": ("exponential", "zipf"),
     "train.mode": ("baseline", "sicot"),
+    "promote.candidate": ("baseline", "sicot"),
     "train.device": ("auto", "cpu", "cuda"),
     "train.fc": ("auto", "sharded", "replicated"),
 }
