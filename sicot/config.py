@@ -101,6 +101,7 @@ class Promote:
 @dataclass
 class Publish:
     shards: int = 2
+    shard: int = -1
     keep_versions: int = 3
     batch_size: int = 128
 

@@ -104,3 +104,27 @@ def step_run(step: str, params: Params, sections: tuple[str, ...] = ()) -> Itera
     with mlflow.start_run(run_name=step, tags=tags) as run:
         mlflow.log_params(params.flat(*sections) if sections else params.flat())
         yield run
+
+
+def promotion_decision(candidate: dict, champion: dict | None, max_tail_drop: float) -> tuple[bool, str]:
+    """The registry gate: the first model becomes champion; later ones only if, on the same test set,
+    overall top-1 is at least the champion's and tail top-1 drops by no more than `max_tail_drop`."""
+    if champion is None:
+        return True, "first model: no champion yet"
+    top1, champ_top1 = candidate["top1"], champion["top1"]
+    drop = champion["tail"]["top1"] - candidate["tail"]["top1"]
+    if top1 < champ_top1:
+        return False, f"top-1 {top1:.4f} below champion's {champ_top1:.4f}"
+    if drop > max_tail_drop:
+        return False, f"tail top-1 drops {drop:.4f} > allowed {max_tail_drop:.4f}"
+    return True, f"top-1 {top1:.4f} >= champion's {champ_top1:.4f}; tail top-1 change {-drop:+.4f}"
+
+
+def alias_version(name: str, alias: str):
+    """The registered model version behind `alias`, or None when the model or alias does not exist."""
+    from mlflow.exceptions import MlflowException
+
+    try:
+        return setup().MlflowClient().get_model_version_by_alias(name, alias)
+    except MlflowException:
+        return None

@@ -1,0 +1,90 @@
+"""Publish the product index for the champion model: catalog embeddings in shards, then an atomic switch.
+
+`models:/<promote.model_name>@champion` embeds every catalog image (on GPU when present); the SKU
+table and embeddings go to a new immutable version under `paths.index` (a folder or `s3://` prefix),
+and `index/CURRENT` moves to it only when every shard is complete (see `sicot.index`).
+
+- `publish.shard=-1` (default): build every shard in this process, then publish.
+- `publish.shard=k`: build shard k only (one Kubernetes Job index / one Prefect task each).
+- `--merge`: check the shards, write the manifest and switch CURRENT.
+"""
+from __future__ import annotations
+
+import functools
+from pathlib import Path
+
+from sicot import index, storage, tracking
+from sicot.config import Params
+
+
+@functools.cache
+def _champion(name: str) -> tuple[str, str]:
+    """(local model file, version label) of the current champion."""
+    version = tracking.alias_version(name, "champion")
+    if version is None:
+        raise LookupError(f"registered model {name!r} has no champion yet: run promote_model first")
+    from mlflow.artifacts import download_artifacts
+
+    local = Path(download_artifacts(f"models:/{name}/{version.version}"))
+    return str(next(local.rglob("model.pt"))), f"{name}-v{version.version}"
+
+
+def _embedder(model_file: str):
+    import torch
+
+    from sicot.model.recognizer import Recognizer
+
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    model = Recognizer.load(model_file, map_location=device)
+
+    @torch.no_grad()
+    def embed(images: list[bytes]):
+        return model.embed(model.prepare(images).to(device)).float().cpu().numpy()
+
+    return model, embed
+
+
+def run(params: Params, merge: bool = False) -> dict:
+    from sicot.data.manifest import load_manifest
+
+    cfg, root = params.publish, params.paths.index
+    model_file, model_version = _champion(params.promote.model_name)
+    manifest = load_manifest(params.paths.prepared, verify_images=False)
+    version = index.version_id(model_version, manifest.catalog, cfg.shards)
+    out = index.version_uri(root, version)
+    model_uri = f"models:/{params.promote.model_name}@champion ({model_version})"
+    if merge:
+        return index.publish(root, version, cfg.shards, cfg.keep_versions, model_uri=model_uri)
+
+    model, embed = _embedder(model_file)
+    read = lambda record: storage.read_bytes(manifest.image_uri(record))  # noqa: E731
+    classes = {sku: i for i, sku in enumerate(model.classes)}
+    if cfg.shard >= 0:
+        return index.build_shard(manifest.catalog, cfg.shard, cfg.shards, embed, read, classes, out, cfg.batch_size)
+    _, token = index.read_current(root)  # read before building: a publisher that finishes first wins
+    with tracking.step_run("publish_index", params, ("publish",)):
+        import time
+
+        import mlflow
+
+        start = time.perf_counter()
+        shards = index.build_all(manifest.catalog, cfg.shards, embed, read, classes, out, cfg.batch_size)
+        built = sum(s["count"] for s in shards if not s["skipped"])
+        seconds = time.perf_counter() - start
+        result = index.publish(root, version, cfg.shards, cfg.keep_versions, model_uri=model_uri, expected=token)
+        mlflow.log_metrics({"index_skus": result["skus"], "index_build_seconds": seconds,
+                            "index_skus_per_second": built / seconds if built else 0.0})
+        mlflow.set_tag("index_version", version)
+    return result
+
+
+def main(argv: list[str] | None = None) -> None:
+    from components.cli import main as cli
+
+    cli(run, __doc__.splitlines()[0], argv,
+        extra=lambda p: p.add_argument("--merge", action="store_true",
+                                       help="publish already built shards: manifest + CURRENT switch"))
+
+
+if __name__ == "__main__":
+    main()

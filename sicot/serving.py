@@ -1,0 +1,151 @@
+"""The online recognition service: an MLflow pyfunc that maps query images to SKUs with product facts.
+
+Served by `mlflow models serve -m models:/sicot@champion --env-manager local`. Input: a binary column
+`image` (base64 in MLflow's `dataframe_split` / `inputs` JSON; MLflow decodes binary columns). Output,
+one entry per image: `{"status": "ok" | "no_match" | "error", "matches": [{sku, score, title, tags,
+image}], "index_version": ...}`. A bad image gets a per-image error instead of failing its neighbours;
+a request that is malformed as a whole (empty, too many images, no `image` column) is refused with
+MLflow's 400 response. Below `min_score` the answer is "no match" rather than a wrong product.
+
+The product facts come from the index version that `index/CURRENT` named when the service loaded;
+every answer says which version that was.
+"""
+from __future__ import annotations
+
+import logging
+import os
+from typing import Any
+
+from sicot.data.images import ImageError
+
+log = logging.getLogger(__name__)
+
+INDEX_ENV = "SICOT_INDEX_ROOT"  # overrides the index root baked in at registration
+
+
+class RequestError(ValueError):
+    """A request that cannot be answered at all (refused with a 400 by the scoring server)."""
+
+
+def _bad_request(message: str) -> Exception:
+    from mlflow.exceptions import MlflowException
+    from mlflow.protos.databricks_pb2 import INVALID_PARAMETER_VALUE
+
+    return MlflowException(message, error_code=INVALID_PARAMETER_VALUE)
+
+
+class Recognition:
+    """Model + index + limits, independent of MLflow so it can be used and tested directly."""
+
+    def __init__(self, model_path: str, index_root: str | None, top_k: int = 3, min_score: float = 0.2,
+                 max_images: int = 64, max_pixels: int = 16_000_000):
+        import torch
+
+        from sicot import index
+        from sicot.model.recognizer import Recognizer
+
+        torch.set_grad_enabled(False)
+        self.model = Recognizer.load(model_path)
+        self.top_k, self.min_score = top_k, min_score
+        self.max_images, self.max_pixels = max_images, max_pixels
+        self.index = None
+        if index_root:
+            try:
+                self.index = index.load_current(index_root)
+            except FileNotFoundError:
+                log.warning("no product index published under %s yet: answers carry SKU ids only", index_root)
+        self.index_version = self.index.version if self.index else None
+        # By SKU, not class number: a newly promoted model may order its classes differently from the
+        # model the current index was built with.
+        self.facts = {row["sku"]: {k: row[k] for k in ("sku", "title", "tags", "image")}
+                      for row in (self.index.skus if self.index else [])}
+        log.info("recognition service: %d classes, index version %s", len(self.model.classes), self.index_version)
+
+    def _facts(self, class_idx: int) -> dict:
+        sku = self.model.classes[class_idx]
+        return self.facts.get(sku) or {"sku": sku, "title": None, "tags": [], "image": None}
+
+    def recognise(self, images: list[Any]) -> list[dict]:
+        if not images:
+            raise RequestError("empty request: send at least one image in the `image` column")
+        if len(images) > self.max_images:
+            raise RequestError(f"{len(images)} images in one request; at most {self.max_images} (serve.max_images)")
+        answers: list[dict | None] = [None] * len(images)
+        batch, rows = [], []
+        for row, data in enumerate(images):
+            if not isinstance(data, (bytes, bytearray)):
+                answers[row] = self._error(f"image {row}: expected image bytes, got {type(data).__name__}")
+                continue
+            try:
+                batch.append(self.model.prepare([bytes(data)], max_pixels=self.max_pixels)[0])
+                rows.append(row)
+            except ImageError as exc:
+                answers[row] = self._error(f"image {row}: {exc}")
+        if batch:
+            import torch
+
+            scores, classes = self.model.topk(torch.stack(batch), self.top_k)
+            for row, s, c in zip(rows, scores.tolist(), classes.tolist()):
+                matches = [{**self._facts(ci), "score": round(si, 6)} for si, ci in zip(s, c)
+                           if si >= self.min_score]
+                answers[row] = {"status": "ok" if matches else "no_match", "matches": matches,
+                                "index_version": self.index_version}
+        return answers
+
+    def _error(self, message: str) -> dict:
+        return {"status": "error", "error": message, "matches": [], "index_version": self.index_version}
+
+
+try:
+    from mlflow.pyfunc import PythonModel
+except ImportError:  # mlflow is a dependency; this keeps `Recognition` importable without it
+    PythonModel = object
+
+
+class RecognitionService(PythonModel):
+    """The pyfunc wrapper: artifacts {"model": model.pt}, model_config holds the serving limits."""
+
+    def load_context(self, context):
+        cfg = dict(context.model_config or {})
+        self.service = Recognition(
+            context.artifacts["model"], os.environ.get(INDEX_ENV, cfg.get("index_root")),
+            top_k=int(cfg.get("top_k", 3)), min_score=float(cfg.get("min_score", 0.2)),
+            max_images=int(cfg.get("max_images", 64)), max_pixels=int(cfg.get("max_pixels", 16_000_000)))
+
+    def predict(self, context, model_input, params=None):
+        try:
+            images = list(model_input["image"])
+        except (KeyError, TypeError):
+            raise _bad_request("input must have a binary column named `image`") from None
+        try:
+            return self.service.recognise(images)
+        except RequestError as exc:
+            raise _bad_request(str(exc)) from None
+
+
+def log_service(model_path: str, params, name: str = "sicot", registered_model_name: str | None = None):
+    """Log the recognizer as a pyfunc (MLflow 3 LoggedModel) with signature and input example;
+    returns the ModelInfo. Call inside an active run."""
+    import io
+
+    import mlflow
+    import pandas as pd
+    from mlflow.models import ModelSignature
+    from mlflow.types import ColSpec, Schema
+    from PIL import Image
+
+    from sicot import storage
+
+    example = io.BytesIO()
+    Image.new("RGB", (32, 32), (200, 30, 30)).save(example, format="PNG")
+    index_root = params.paths.index if storage.is_s3(params.paths.index) else os.path.abspath(params.paths.index)
+    return mlflow.pyfunc.log_model(
+        name=name,
+        python_model=RecognitionService(),
+        artifacts={"model": model_path},
+        model_config={"index_root": index_root, "top_k": params.serve.top_k, "min_score": params.serve.min_score,
+                      "max_images": params.serve.max_images, "max_pixels": params.serve.max_pixels},
+        signature=ModelSignature(inputs=Schema([ColSpec("binary", "image")])),
+        input_example=pd.DataFrame({"image": [example.getvalue()]}),
+        registered_model_name=registered_model_name,
+    )
