@@ -138,6 +138,15 @@ class Params:
     def to_dict(self) -> dict[str, dict[str, Any]]:
         return dataclasses.asdict(self)
 
+    @classmethod
+    def from_dict(cls, sections: dict[str, dict[str, Any]]) -> "Params":
+        """The inverse of `to_dict`, validated like a params file."""
+        params = cls()
+        for section, values in sections.items():
+            for key, value in values.items():
+                _apply(params, section, key, value)
+        return params
+
     def flat(self, *sections: str) -> dict[str, Any]:
         """`{"train.lr": 0.1, ...}` for the given sections (all when none), e.g. for MLflow params."""
         out = {}
