@@ -1,0 +1,81 @@
+"""Prepare the dataset: generate the demo world or take a dataset directory, validate it, publish it.
+
+- `data.source: synthetic` generates the long-tailed demo world into `paths.raw` first; any other value
+  is a dataset directory or `s3://` prefix in the contract's format (see docs/architecture.md).
+- Every record is checked (`data.on_bad_record`: `error` stops listing every problem, exit code 2;
+  `skip` drops bad records and lists them in reports/dropped_records.jsonl).
+- The valid dataset plus labels.json replaces `paths.prepared` atomically; a failed run changes nothing.
+- reports/data_stats.json and reports/long_tail.png describe it; the numbers also go to MLflow.
+"""
+from __future__ import annotations
+
+import json
+import sys
+import time
+from pathlib import Path
+
+from sicot import storage
+from sicot.config import Params
+from sicot.data.longtail import class_counts, data_stats, plot_long_tail
+from sicot.data.manifest import DatasetError, load_manifest, write_manifest
+
+
+def _log_to_mlflow(params: Params, stats: dict, reports: str) -> None:
+    from sicot import tracking
+
+    with tracking.step_run("prepare_data", params, sections=("data", "paths")):
+        import mlflow
+
+        mlflow.log_metrics({k: float(v) for k, v in stats.items() if isinstance(v, (int, float))})
+        mlflow.log_metrics({f"images_{k}": float(v) for k, v in stats["images"].items()})
+        mlflow.log_metric("title_vocab_tail_shared_with_head", stats["title_vocab"]["tail_shared_with_head"])
+        for name in ("data_stats.json", "long_tail.png", "dropped_records.jsonl"):
+            mlflow.log_artifact(str(Path(reports, name)))
+
+
+def run(params: Params, track: bool = True) -> dict:
+    started = time.perf_counter()
+    data, paths = params.data, params.paths
+    source = data.source
+    generated = None
+    if source == "synthetic":
+        from sicot.data.synthetic import generate
+
+        generated = generate(paths.raw, data)
+        source = paths.raw
+    manifest = load_manifest(source, on_bad_record=data.on_bad_record)
+    with storage.atomic_dir(paths.prepared) as tmp:
+        write_manifest(manifest, tmp)
+
+    threshold = params.evaluate.head_threshold
+    stats = data_stats(manifest, threshold)
+    reports = paths.reports
+    storage.write_text(storage.join(reports, "data_stats.json"), json.dumps(stats, ensure_ascii=False, indent=2) + "\n")
+    plot_long_tail(class_counts(manifest.train), threshold, storage.join(reports, "long_tail.png"))
+    storage.write_text(storage.join(reports, "dropped_records.jsonl"),
+                       "".join(json.dumps(p.to_dict(), ensure_ascii=False) + "\n" for p in manifest.dropped))
+    if track:
+        _log_to_mlflow(params, stats, reports)
+
+    seconds = time.perf_counter() - started
+    print(f"prepare_data: {stats['classes']} classes, {stats['images']['train']}/{stats['images']['val']}/"
+          f"{stats['images']['test']} train/val/test images, imbalance {stats['imbalance']:.0f}:1, "
+          f"{stats['head_classes']} head / {stats['tail_classes']} tail, {len(manifest.dropped)} dropped, "
+          f"{seconds:.1f}s -> {paths.prepared}", file=sys.stderr)
+    return {"prepared": paths.prepared, "data_stats": storage.join(reports, "data_stats.json"),
+            "classes": stats["classes"], "dropped": len(manifest.dropped), "source": source,
+            "generated": generated, "seconds": round(seconds, 2)}
+
+
+def main(argv: list[str] | None = None) -> None:
+    from components.cli import main as cli_main
+
+    try:
+        cli_main(run, __doc__.splitlines()[0], argv)
+    except DatasetError as exc:
+        print(exc, file=sys.stderr)
+        sys.exit(2)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,319 @@
+"""The dataset contract: read a dataset directory (local or `s3://`), validate every record, write it back.
+
+A dataset is `train.jsonl`, `val.jsonl`, `test.jsonl` and `catalog.jsonl` (plus an optional
+`holdout.jsonl` of new-arrival images whose SKUs are only in the catalog) next to the images they name.
+Each bad record becomes a `Problem` naming file, line and reason; `on_bad_record="error"` raises them all
+at once, `"skip"` drops them and keeps the list in `Manifest.dropped`. Nothing is dropped silently.
+"""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path, PurePosixPath
+
+from sicot import storage
+from sicot.data.images import ImageError, decode_image
+
+SPLITS = ("train", "val", "test")
+CATALOG = "catalog"
+HOLDOUT = "holdout"
+ON_BAD_RECORD = ("error", "skip")
+
+
+@dataclass(frozen=True)
+class Record:
+    image: str
+    sku: str
+    title: str
+    tags: tuple[str, ...]
+
+    def to_json(self) -> str:
+        return json.dumps({"image": self.image, "sku": self.sku, "title": self.title, "tags": list(self.tags)},
+                          ensure_ascii=False)
+
+
+@dataclass(frozen=True)
+class Problem:
+    file: str
+    line: int  # 1-based; 0 for a problem with the whole file
+    reason: str
+
+    def __str__(self) -> str:
+        return f"{self.file}:{self.line}: {self.reason}" if self.line else f"{self.file}: {self.reason}"
+
+    def to_dict(self) -> dict:
+        return {"file": self.file, "line": self.line, "reason": self.reason}
+
+
+class DatasetError(ValueError):
+    """A dataset that breaks the contract; `.problems` holds every problem found, not just the first."""
+
+    def __init__(self, root: str, problems: list[Problem]):
+        self.root = root
+        self.problems = list(problems)
+        lines = "\n".join(f"  {p}" for p in self.problems)
+        super().__init__(f"dataset {root}: {len(self.problems)} problem(s):\n{lines}")
+
+
+@dataclass
+class Manifest:
+    root: str
+    train: list[Record]
+    val: list[Record]
+    test: list[Record]
+    catalog: list[Record]
+    dropped: list[Problem] = field(default_factory=list)
+    holdout: list[Record] = field(default_factory=list)
+
+    def classes(self) -> list[str]:
+        """Sorted unique training SKUs; a class's index is its position here."""
+        return sorted({r.sku for r in self.train})
+
+    def image_uri(self, record: Record) -> str:
+        return record.image if storage.is_s3(record.image) else storage.join(self.root, record.image)
+
+    def splits(self) -> dict[str, list[Record]]:
+        out = {"train": self.train, "val": self.val, "test": self.test, "catalog": self.catalog}
+        if self.holdout:
+            out["holdout"] = self.holdout
+        return out
+
+
+def _type_name(value) -> str:
+    return "null" if value is None else {dict: "object", list: "array", str: "string", bool: "boolean",
+                                         int: "number", float: "number"}.get(type(value), type(value).__name__)
+
+
+def _check_path(image: str) -> str | None:
+    """Why `image` may not be used as a path inside the dataset, or None when it may."""
+    if storage.is_s3(image):
+        return None if len(image) > len("s3://") and "/" in image[5:] else f"image URI {image!r} names no object"
+    if "://" in image:
+        return f"image {image!r}: only paths inside the dataset and s3:// URIs are supported"
+    if image.startswith(("/", "\\")) or (len(image) > 1 and image[1] == ":"):
+        return f"image {image!r} is an absolute path; it must be relative to the dataset directory"
+    if ".." in PurePosixPath(image.replace("\\", "/")).parts:
+        return f"image {image!r} escapes the dataset directory"
+    return None
+
+
+def _parse_line(raw: bytes, kind: str) -> tuple[Record | None, str | None]:
+    """One jsonl line -> (record, None) or (None, reason). `kind` is a split name or `catalog`."""
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        return None, f"not valid UTF-8 (byte 0x{raw[exc.start]:02x} at column {exc.start + 1})"
+    try:
+        obj = json.loads(text)
+    except json.JSONDecodeError as exc:
+        return None, f"invalid JSON: {exc.msg} at column {exc.colno}"
+    if not isinstance(obj, dict):
+        return None, f"expected a JSON object, got {_type_name(obj)}"
+    if "sku" not in obj:
+        return None, "missing field 'sku'"
+    sku = obj["sku"]
+    if not isinstance(sku, str):
+        return None, f"field 'sku' must be a string, got {_type_name(sku)}"
+    if not sku.strip():
+        return None, "field 'sku' is empty"
+    title = obj.get("title", "")
+    if not isinstance(title, str):
+        return None, f"field 'title' must be a string, got {_type_name(title)}"
+    tags = obj.get("tags", [])
+    if not isinstance(tags, list) or not all(isinstance(t, str) for t in tags):
+        return None, "field 'tags' must be a list of strings"
+    image = obj.get("image", "" if kind == CATALOG else None)
+    if image is None and "image" not in obj:
+        return None, "missing field 'image'"
+    if not isinstance(image, str):
+        return None, f"field 'image' must be a string, got {_type_name(image)}"
+    if not image and kind != CATALOG:
+        return None, "field 'image' is empty"
+    if image and (why := _check_path(image)):
+        return None, why
+    return Record(image=image, sku=sku, title=title, tags=tuple(tags)), None
+
+
+def _read_jsonl(root: str, name: str, kind: str, required: bool):
+    """[(line number, record)] and problems of one file; None for the records when the file is missing."""
+    try:
+        data = storage.read_bytes(storage.join(root, name))
+    except FileNotFoundError:
+        return None, ([Problem(name, 0, "file not found (required by the dataset contract)")] if required else [])
+    rows, problems = [], []
+    for number, raw in enumerate(data.split(b"\n"), start=1):
+        if not raw.strip():
+            continue
+        record, reason = _parse_line(raw.rstrip(b"\r"), kind)
+        if reason:
+            problems.append(Problem(name, number, reason))
+        else:
+            rows.append((number, record))
+    return rows, problems
+
+
+class _ImageChecker:
+    """Checks each distinct image once (exists, non-empty, decodes fully), in a thread pool."""
+
+    def __init__(self, root: str, verify: bool):
+        self.root, self.verify = root, verify
+        self.local_root = None if storage.is_s3(root) else Path(root).resolve()
+
+    def uri(self, image: str) -> str:
+        return image if storage.is_s3(image) else storage.join(self.root, image)
+
+    def check(self, image: str) -> str | None:
+        uri = self.uri(image)
+        if self.local_root is not None and not storage.is_s3(image):
+            path = Path(uri)
+            if not path.resolve().is_relative_to(self.local_root):
+                return f"image {image!r} escapes the dataset directory (through a link)"
+            if not path.is_file():
+                return f"image not found: {image}"
+            if path.stat().st_size == 0:
+                return f"image file is empty: {image}"
+            if not self.verify:
+                return None
+        elif not self.verify:
+            return None if storage.exists(uri) else f"image not found: {image}"
+        try:
+            decode_image(storage.read_bytes(uri))
+        except FileNotFoundError:
+            return f"image not found: {image}"
+        except ImageError as exc:
+            return f"image {image}: {exc}"
+        return None
+
+    def check_all(self, images: set[str]) -> dict[str, str | None]:
+        ordered = sorted(images)
+        workers = min(16, 2 * (os.cpu_count() or 1))
+        with ThreadPoolExecutor(max_workers=workers) as pool:
+            return dict(zip(ordered, pool.map(self.check, ordered)))
+
+
+def load_manifest(root: str, on_bad_record: str = "error", verify_images: bool = True) -> Manifest:
+    """Read and validate the dataset at `root`.
+
+    Raises DatasetError listing every problem (mode "error"), or only the ones that cannot be skipped
+    (a missing file, a split left without records) in mode "skip".
+    """
+    if on_bad_record not in ON_BAD_RECORD:
+        raise ValueError(f"on_bad_record must be one of {ON_BAD_RECORD}, got {on_bad_record!r}")
+    root = str(root)
+    if not storage.is_s3(root) and not Path(root).is_dir():
+        raise DatasetError(root, [Problem(root, 0, "dataset directory not found")])
+    fatal: list[Problem] = []
+    bad: list[Problem] = []
+    files: dict[str, list] = {}
+    for kind in (*SPLITS, CATALOG, HOLDOUT):
+        rows, problems = _read_jsonl(root, f"{kind}.jsonl", kind, required=kind != HOLDOUT)
+        if rows is None:
+            fatal += problems
+        else:
+            files[kind] = rows
+            bad += problems
+
+    checker = _ImageChecker(root, verify_images)
+    verdict = checker.check_all({r.image for rows in files.values() for _, r in rows if r.image})
+    kept: dict[str, list[Record]] = {}
+    first_seen: dict[tuple[str, str], str] = {}
+    catalog_skus: dict[str, int] = {}
+    for kind, rows in files.items():
+        kept[kind] = []
+        name = f"{kind}.jsonl"
+        for number, record in rows:
+            reason = verdict.get(record.image) if record.image else None
+            if reason is None and kind == CATALOG:
+                if record.sku in catalog_skus:
+                    first = catalog_skus[record.sku]
+                    reason = f"duplicate catalog entry for sku {record.sku!r} (first at line {first})"
+                else:
+                    catalog_skus[record.sku] = number
+            elif reason is None:
+                key = (record.image, record.sku)
+                if key in first_seen:
+                    reason = f"duplicate of {first_seen[key]} (same image and sku)"
+                else:
+                    first_seen[key] = f"{name}:{number}"
+            if reason:
+                bad.append(Problem(name, number, reason))
+            else:
+                kept[kind].append((number, record))
+
+    train_skus = {r.sku for _, r in kept.get("train", [])}
+    for kind in ("val", "test"):
+        still = []
+        for number, record in kept.get(kind, []):
+            if record.sku in train_skus:
+                still.append((number, record))
+            else:
+                reason = f"sku {record.sku!r} has no training images in train.jsonl"
+                bad.append(Problem(f"{kind}.jsonl", number, reason))
+        kept[kind] = still
+    still = []
+    for number, record in kept.get(HOLDOUT, []):
+        if record.sku in catalog_skus:
+            still.append((number, record))
+        else:
+            bad.append(Problem("holdout.jsonl", number, f"sku {record.sku!r} is not in catalog.jsonl"))
+    kept[HOLDOUT] = still
+
+    # train and catalog must hold records; val and test may be empty files, but not emptied by skipping
+    for kind in (*SPLITS, CATALOG):
+        if kind in files and not kept[kind]:
+            had = len(files[kind]) + sum(p.file == f"{kind}.jsonl" for p in bad)
+            if had:
+                fatal.append(Problem(f"{kind}.jsonl", 0, "has no valid records"))
+            elif kind in ("train", CATALOG):
+                fatal.append(Problem(f"{kind}.jsonl", 0, "has no records"))
+    bad.sort(key=lambda p: ((*SPLITS, CATALOG, HOLDOUT).index(p.file.removesuffix(".jsonl")), p.line))
+    if fatal or (bad and on_bad_record == "error"):
+        raise DatasetError(root, fatal + bad)
+    records = {k: [r for _, r in v] for k, v in kept.items()}
+    return Manifest(root=root, train=records["train"], val=records["val"], test=records["test"],
+                    catalog=records[CATALOG], dropped=bad, holdout=records.get(HOLDOUT, []))
+
+
+def _local_image_path(record: Record) -> str:
+    """Where an image lands in a written dataset: its own relative path, or one derived from its URI."""
+    if storage.is_s3(record.image):
+        return "images/s3/" + record.image[len("s3://"):]
+    return PurePosixPath(record.image.replace("\\", "/")).as_posix()
+
+
+def _place(src: str, dest: Path) -> None:
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    if storage.is_s3(src):
+        storage.local_copy(src, dest)
+        return
+    try:
+        os.link(src, dest)  # same filesystem: no bytes copied
+    except OSError:
+        shutil.copy2(src, dest)
+
+
+def write_manifest(manifest: Manifest, out_dir: str | Path) -> None:
+    """Write `manifest` as a contract dataset in the local directory `out_dir`, with labels.json.
+
+    Images keep their relative paths (hard-linked when possible); s3:// images are copied under
+    images/s3/ and their records point there, so the written directory stands alone.
+    """
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    placed: set[str] = set()
+    for kind, records in manifest.splits().items():
+        lines = []
+        for record in records:
+            if record.image:
+                rel = _local_image_path(record)
+                if rel not in placed:
+                    _place(manifest.image_uri(record), out / rel)
+                    placed.add(rel)
+                record = Record(image=rel, sku=record.sku, title=record.title, tags=record.tags)
+            lines.append(record.to_json() + "\n")
+        (out / f"{kind}.jsonl").write_text("".join(lines), encoding="utf-8")
+    (out / "labels.json").write_text(json.dumps({"classes": manifest.classes()}, ensure_ascii=False, indent=1) + "\n",
+                                     encoding="utf-8")

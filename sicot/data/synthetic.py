@@ -1,0 +1,593 @@
+"""A seeded, long-tailed SKU-level product world in the dataset contract's format.
+
+It stands in for marketplace data. A SKU is brand x category x variant:
+- the brand gives a colour palette and a brand mark, the category a package shape, the variant smaller
+  cues (a colour band, the package size, a label pattern), so SKUs of one product line look alike and a
+  tail SKU shares most of its look with head SKUs of the same brand or category;
+- each photo varies pose, scale, position, background clutter, lighting, blur and occlusion;
+- each photo has a noisy Chinese seller title with Latin brand/model tokens. `title_noise` sets both the
+  share of promotional/irrelevant words and how often a variant word is dropped or replaced by a wrong
+  one, so titles range from nearly decisive (0.2) to mostly noise (0.9).
+
+Everything comes from numpy Generators seeded by (seed, purpose, sku index): the same seed gives the same
+bytes in every file, and SKUs are rendered one at a time and streamed to disk, so 100k+ SKUs fit.
+"""
+from __future__ import annotations
+
+import colorsys
+import json
+import logging
+import math
+import time
+from dataclasses import asdict, dataclass, replace
+from pathlib import Path
+
+import numpy as np
+from PIL import Image, ImageDraw, ImageFilter
+
+from sicot import storage
+
+log = logging.getLogger(__name__)
+
+# --- vocabulary -----------------------------------------------------------------------------------
+
+# attribute kind -> [(word, rgb)]: the word goes in the title, the colour onto the package's band.
+ATTRIBUTES = {
+    "colour": [("红色", (200, 30, 40)), ("蓝色", (30, 70, 200)), ("绿色", (40, 150, 60)),
+               ("黄色", (240, 210, 40)), ("紫色", (120, 50, 160)), ("粉色", (240, 140, 180)),
+               ("黑色", (25, 25, 25)), ("白色", (245, 245, 245)), ("橙色", (245, 130, 30)),
+               ("棕色", (120, 75, 40)), ("灰色", (130, 130, 130)), ("金色", (210, 170, 60)),
+               ("银色", (190, 195, 200)), ("青色", (40, 180, 180)), ("酒红色", (120, 20, 40)),
+               ("藏青色", (20, 30, 80))],
+    "flavour": [("草莓味", (220, 40, 70)), ("柠檬味", (245, 225, 60)), ("原味", (235, 225, 200)),
+                ("巧克力味", (90, 50, 30)), ("抹茶味", (110, 160, 70)), ("香草味", (240, 230, 170)),
+                ("芒果味", (250, 170, 30)), ("蓝莓味", (70, 60, 150)), ("海盐味", (150, 200, 230)),
+                ("烧烤味", (170, 70, 30)), ("番茄味", (230, 60, 40)), ("葡萄味", (120, 40, 120)),
+                ("椰子味", (250, 250, 240)), ("桃子味", (250, 170, 150)), ("青苹果味", (150, 210, 60)),
+                ("黑糖味", (60, 35, 25))],
+    "scent": [("玫瑰", (210, 60, 100)), ("薰衣草", (150, 120, 200)), ("茉莉", (250, 250, 220)),
+              ("柑橘", (250, 150, 40)), ("海洋", (40, 130, 200)), ("檀香", (160, 110, 70)),
+              ("樱花", (250, 190, 210)), ("绿茶", (120, 170, 80)), ("薄荷", (120, 220, 190)),
+              ("栀子", (240, 240, 200)), ("白桃", (250, 210, 190)), ("雪松", (80, 100, 70)),
+              ("琥珀", (200, 130, 40)), ("无香", (220, 220, 220))],
+}
+
+SIZES = {
+    "ml": ["30ml", "50ml", "100ml", "150ml", "200ml", "250ml", "300ml", "400ml", "500ml", "750ml", "1000ml"],
+    "g": ["15g", "30g", "50g", "80g", "100g", "120g", "150g", "200g", "250g", "500g"],
+    "片": ["5片", "10片", "15片", "20片", "30片"],
+    "kg": ["1kg", "1.5kg", "2kg", "2.5kg", "5kg", "10kg"],
+    "抽": ["80抽", "100抽", "120抽", "130抽", "200抽"],
+}
+
+
+@dataclass(frozen=True)
+class CategoryKind:
+    word: str
+    body: str      # rect | round | cylinder | trap_up | trap_down | pillow
+    top: str       # none | neck | pump | nozzle | lid | crimp | gable | dropper
+    bottom: str    # none | cap | crimp
+    aspect: float  # body width / height
+    tags: tuple[str, str]
+    attribute: str
+    unit: str
+
+
+BASE_CATEGORIES = [
+    CategoryKind("精华液", "round", "dropper", "none", 0.55, ("护肤", "精华"), "scent", "ml"),
+    CategoryKind("洗发水", "round", "neck", "none", 0.5, ("洗护", "洗发"), "scent", "ml"),
+    CategoryKind("沐浴露", "rect", "pump", "none", 0.6, ("洗护", "沐浴"), "scent", "ml"),
+    CategoryKind("面霜", "rect", "lid", "none", 1.5, ("护肤", "面霜"), "scent", "g"),
+    CategoryKind("洗面奶", "trap_down", "crimp", "cap", 0.45, ("护肤", "洁面"), "scent", "g"),
+    CategoryKind("牙膏", "trap_down", "crimp", "cap", 0.3, ("口腔", "牙膏"), "flavour", "g"),
+    CategoryKind("口红", "rect", "gable", "cap", 0.28, ("彩妆", "口红"), "colour", "g"),
+    CategoryKind("香水", "rect", "nozzle", "none", 0.9, ("香水", "香氛"), "scent", "ml"),
+    CategoryKind("薯片", "pillow", "crimp", "crimp", 0.75, ("零食", "膨化"), "flavour", "g"),
+    CategoryKind("饼干", "rect", "none", "none", 1.4, ("零食", "饼干"), "flavour", "g"),
+    CategoryKind("巧克力", "rect", "crimp", "crimp", 0.35, ("零食", "巧克力"), "flavour", "g"),
+    CategoryKind("咖啡", "cylinder", "none", "none", 0.6, ("饮品", "咖啡"), "flavour", "ml"),
+    CategoryKind("果汁", "rect", "gable", "none", 0.55, ("饮品", "果汁"), "flavour", "ml"),
+    CategoryKind("矿泉水", "round", "neck", "none", 0.38, ("饮品", "饮用水"), "flavour", "ml"),
+    CategoryKind("茶叶", "cylinder", "lid", "none", 0.85, ("茶饮", "茶叶"), "flavour", "g"),
+    CategoryKind("洗衣液", "round", "lid", "none", 0.8, ("家清", "洗衣"), "scent", "ml"),
+    CategoryKind("纸巾", "round", "none", "none", 1.8, ("家居", "纸品"), "scent", "抽"),
+    CategoryKind("护手霜", "trap_down", "crimp", "cap", 0.5, ("护肤", "护手"), "scent", "g"),
+    CategoryKind("面膜", "pillow", "none", "none", 0.7, ("护肤", "面膜"), "scent", "片"),
+    CategoryKind("酸奶", "trap_up", "lid", "none", 0.9, ("乳品", "酸奶"), "flavour", "g"),
+    CategoryKind("洗洁精", "rect", "neck", "none", 0.45, ("家清", "洗碗"), "scent", "ml"),
+    CategoryKind("猫粮", "pillow", "crimp", "none", 0.65, ("宠物", "猫粮"), "flavour", "kg"),
+    CategoryKind("指甲油", "round", "neck", "none", 0.7, ("彩妆", "美甲"), "colour", "ml"),
+    CategoryKind("防晒霜", "trap_down", "none", "cap", 0.42, ("护肤", "防晒"), "scent", "ml"),
+]
+# Categories beyond the base list: a modified base category (new word, proportions and top).
+CATEGORY_MODIFIERS = ["男士", "儿童", "旅行装", "家庭装", "高端", "迷你", "植物", "无糖", "有机", "专业",
+                      "经典", "清爽", "滋润", "敏感肌", "大师", "轻盈"]
+TOPS = ["none", "neck", "pump", "nozzle", "lid", "crimp", "gable", "dropper"]
+
+MARKS = ["circle", "square", "triangle", "diamond", "star", "cross", "ring", "hexagon", "chevron", "bars",
+         "crescent", "dots"]
+PATTERNS = ["plain", "hstripes", "vstripes", "dots", "checks", "diagonal"]
+
+CN_BRAND_CHARS = list("露米卡莎雅诗兰黛欧莱美佳洁丽馨娜斯帝维尔思朗博康宝格林安泰瑞凯森贝蒂芙婷妮蓝月星花源清润"
+                      "颜优品悦川禾田本和乐家福金银天云菲奥伊芝薇")
+LATIN_ONSETS = ["b", "c", "d", "f", "g", "h", "j", "k", "l", "m", "n", "p", "r", "s", "t", "v", "z",
+                "br", "ch", "tr", "fl", "gr", "st"]
+LATIN_VOWELS = ["a", "e", "i", "o", "u", "ai", "ea", "io"]
+MODEL_WORDS = ["Pro", "Max", "Plus", "Lite", "Air", "Mini", "Ultra", "Neo"]
+
+PROMO_WORDS = ["包邮", "新款", "正品", "折扣", "热卖", "2024新款", "free shipping", "限时特价", "官方旗舰店",
+               "买一送一", "爆款", "清仓", "现货", "秒杀", "特惠", "促销", "限量", "正品保证", "假一赔十", "顺丰",
+               "厂家直销", "批发", "礼盒装", "新品", "hot sale", "sale", "new", "official", "2023款", "网红",
+               "同款", "推荐", "优惠", "满减", "旗舰", "直播", "抢购", "best seller"]
+IRRELEVANT_WORDS = ["家用", "办公室", "学生", "男女通用", "大容量", "便携", "日常", "夏季", "冬季", "宿舍",
+                    "旅行", "情侣", "成人", "囤货", "实惠", "好用", "高颜值", "日本", "韩国", "进口", "国产",
+                    "天然", "温和", "持久", "清爽", "经典", "简约", "时尚", "质量好", "送女友", "必备", "套装"]
+
+
+# --- the world: brands, categories, product lines, SKUs -------------------------------------------
+
+@dataclass(frozen=True)
+class Brand:
+    latin: str
+    chinese: str
+    primary: tuple[int, int, int]
+    secondary: tuple[int, int, int]
+    accent: tuple[int, int, int]
+    mark: str
+
+
+@dataclass(frozen=True)
+class Sku:
+    id: str
+    brand: int
+    category: int
+    model: str        # model token of its product line, shared by the line's variants
+    attribute: int    # index into ATTRIBUTES[category.attribute]
+    size: int         # index into SIZES[category.unit]
+    pattern: str
+
+
+def _hsv(h: float, s: float, v: float) -> tuple[int, int, int]:
+    r, g, b = colorsys.hsv_to_rgb(h % 1.0, s, v)
+    return int(r * 255), int(g * 255), int(b * 255)
+
+
+def make_brands(n: int, rng: np.random.Generator) -> list[Brand]:
+    latin_seen, chinese_seen, brands = set(), set(), []
+    cn_len = 2 if n <= len(CN_BRAND_CHARS) ** 2 // 2 else 3
+    while len(brands) < n:
+        syllables = 2 if rng.random() < 0.75 else 3
+        latin = "".join(LATIN_ONSETS[rng.integers(len(LATIN_ONSETS))] + LATIN_VOWELS[rng.integers(len(LATIN_VOWELS))]
+                        for _ in range(syllables)).capitalize()
+        chinese = "".join(CN_BRAND_CHARS[i] for i in rng.integers(len(CN_BRAND_CHARS), size=cn_len))
+        if latin in latin_seen or chinese in chinese_seen:
+            continue
+        latin_seen.add(latin)
+        chinese_seen.add(chinese)
+        hue = rng.random()
+        brands.append(Brand(
+            latin=latin, chinese=chinese,
+            primary=_hsv(hue, rng.uniform(0.45, 0.95), rng.uniform(0.45, 0.9)),
+            secondary=_hsv(hue + rng.choice([0.0, 0.5, 0.08]), rng.uniform(0.05, 0.35), rng.uniform(0.85, 1.0)),
+            accent=_hsv(hue + rng.uniform(0.3, 0.7), rng.uniform(0.3, 0.9), rng.uniform(0.2, 0.9)),
+            mark=MARKS[rng.integers(len(MARKS))]))
+    return brands
+
+
+def make_categories(n: int) -> list[CategoryKind]:
+    out = []
+    for i in range(n):
+        base = BASE_CATEGORIES[i % len(BASE_CATEGORIES)]
+        round_ = i // len(BASE_CATEGORIES)
+        if round_ == 0:
+            out.append(base)
+            continue
+        modifier = CATEGORY_MODIFIERS[(round_ - 1) % len(CATEGORY_MODIFIERS)]
+        suffix = "" if round_ <= len(CATEGORY_MODIFIERS) else str(round_ // len(CATEGORY_MODIFIERS) + 1)
+        top = TOPS[(TOPS.index(base.top) + round_) % len(TOPS)]
+        aspect = base.aspect * (0.75 + 0.1 * (round_ % 6))
+        out.append(replace(base, word=f"{modifier}{suffix}{base.word}", top=top, aspect=aspect))
+    return out
+
+
+def _model_token(rng: np.random.Generator) -> str:
+    if rng.random() < 0.35:
+        return MODEL_WORDS[rng.integers(len(MODEL_WORDS))]
+    letters = "ABCDEFGHKLMNPRSTVXZ"
+    head = "".join(letters[i] for i in rng.integers(len(letters), size=int(rng.integers(1, 3))))
+    return f"{head}{int(rng.integers(1, 1000))}" if rng.random() < 0.5 else f"{head}-{int(rng.integers(1, 100)) * 10}"
+
+
+def make_skus(total: int, brands: list[Brand], categories: list[CategoryKind], rng: np.random.Generator,
+              variants_per_line: int = 3) -> list[Sku]:
+    """`total` SKUs grouped into product lines (a brand x category pair) of a few variants each."""
+    pairs = len(brands) * len(categories)
+    n_lines = min(pairs, max(1, math.ceil(total / variants_per_line)))
+    lines = rng.choice(pairs, size=n_lines, replace=False)
+    sizes = [total // n_lines + (i < total % n_lines) for i in range(n_lines)]
+    skus = []
+    for pair, n_variants in zip(lines.tolist(), sizes):
+        brand, category = divmod(pair, len(categories))
+        kind = categories[category]
+        n_attr, n_size = len(ATTRIBUTES[kind.attribute]), len(SIZES[kind.unit])
+        if n_variants > n_attr * n_size:
+            raise ValueError(f"{total} SKUs need {n_variants} variants per product line, more than the "
+                             f"{n_attr * n_size} a category offers: raise data.brands or data.categories")
+        model = _model_token(rng)
+        for combo in rng.choice(n_attr * n_size, size=n_variants, replace=False).tolist():
+            attribute, size = divmod(combo, n_size)
+            skus.append(Sku("", brand, category, model, attribute, size, PATTERNS[rng.integers(len(PATTERNS))]))
+    order = rng.permutation(len(skus))  # SKU ids carry no trace of brand or category
+    width = max(5, len(str(total - 1)))
+    return [replace(skus[j], id=f"SKU{i:0{width}d}") for i, j in enumerate(order.tolist())]
+
+
+def train_counts(n_classes: int, max_images: int, imbalance: float, profile: str) -> list[int]:
+    """Training images per class, largest first, following an exponential or Zipf long tail.
+
+    Both ends are exact integers (max_images and the nearest achievable max_images / imbalance), so the
+    measured max/min ratio matches the request up to that one rounding.
+    """
+    if n_classes <= 0:
+        return []
+    if max_images < 1 or imbalance < 1:
+        raise ValueError(f"need max_images >= 1 and imbalance >= 1, got {max_images} and {imbalance}")
+    target = max_images / imbalance
+    candidates = {max(1, math.floor(target)), max(1, math.ceil(target))}
+    n_min = min(candidates, key=lambda m: abs(max_images / m - imbalance))
+    if max_images / n_min < 0.9 * imbalance:
+        log.warning("data.max_images=%d cannot give an imbalance of %g (the smallest class keeps 1 image): "
+                    "measured imbalance will be %g", max_images, imbalance, max_images / n_min)
+    if n_classes == 1:
+        return [max_images]
+    ratio = max_images / n_min
+    ranks = np.arange(n_classes, dtype=np.float64)
+    if profile == "exponential":
+        counts = max_images * ratio ** (-ranks / (n_classes - 1))
+    elif profile == "zipf":
+        counts = max_images / (ranks + 1) ** (math.log(ratio) / math.log(n_classes))
+    else:
+        raise ValueError(f"profile must be exponential or zipf, got {profile!r}")
+    out = np.maximum(1, np.rint(counts)).astype(int).tolist()
+    out[0], out[-1] = max_images, n_min
+    return out
+
+
+# --- rendering ------------------------------------------------------------------------------------
+
+def _mix(a, b, t: float) -> tuple[int, int, int]:
+    return tuple(int(round(x * (1 - t) + y * t)) for x, y in zip(a, b))
+
+
+def _mark(draw: ImageDraw.ImageDraw, kind: str, cx: float, cy: float, r: float, fill) -> None:
+    box = (cx - r, cy - r, cx + r, cy + r)
+    if kind == "circle":
+        draw.ellipse(box, fill=fill)
+    elif kind == "square":
+        draw.rectangle((cx - 0.8 * r, cy - 0.8 * r, cx + 0.8 * r, cy + 0.8 * r), fill=fill)
+    elif kind == "triangle":
+        draw.polygon([(cx, cy - r), (cx + r, cy + 0.8 * r), (cx - r, cy + 0.8 * r)], fill=fill)
+    elif kind == "diamond":
+        draw.polygon([(cx, cy - r), (cx + r, cy), (cx, cy + r), (cx - r, cy)], fill=fill)
+    elif kind == "star":
+        draw.regular_polygon((cx, cy, r), 5, fill=fill)
+        draw.regular_polygon((cx, cy, r * 0.9), 5, rotation=36, fill=fill)
+    elif kind == "cross":
+        w = r * 0.35
+        draw.rectangle((cx - w, cy - r, cx + w, cy + r), fill=fill)
+        draw.rectangle((cx - r, cy - w, cx + r, cy + w), fill=fill)
+    elif kind == "ring":
+        draw.ellipse(box, outline=fill, width=max(1, int(r * 0.4)))
+    elif kind == "hexagon":
+        draw.regular_polygon((cx, cy, r), 6, fill=fill)
+    elif kind == "chevron":
+        draw.line([(cx - r, cy - 0.5 * r), (cx, cy + 0.5 * r), (cx + r, cy - 0.5 * r)], fill=fill,
+                  width=max(1, int(r * 0.45)))
+    elif kind == "bars":
+        for k in (-1, 0, 1):
+            draw.rectangle((cx + k * 0.7 * r - 0.22 * r, cy - r, cx + k * 0.7 * r + 0.22 * r, cy + r), fill=fill)
+    elif kind == "crescent":
+        draw.pieslice(box, 90, 270, fill=fill)
+        draw.ellipse((cx - 0.5 * r, cy - 0.75 * r, cx + 0.5 * r, cy + 0.75 * r), fill=fill)
+    else:  # dots
+        for dx, dy in ((-0.5, -0.5), (0.5, -0.5), (0, 0.5)):
+            x, y = cx + dx * r, cy + dy * r
+            draw.ellipse((x - 0.4 * r, y - 0.4 * r, x + 0.4 * r, y + 0.4 * r), fill=fill)
+
+
+def _pattern(draw: ImageDraw.ImageDraw, kind: str, box, fill) -> None:
+    x0, y0, x1, y1 = box
+    step = max(2.0, (x1 - x0) / 5)
+    width = max(1, int(step * 0.35))
+    if kind == "hstripes":
+        y = y0 + step / 2
+        while y < y1:
+            draw.line([(x0, y), (x1, y)], fill=fill, width=width)
+            y += step
+    elif kind == "vstripes":
+        x = x0 + step / 2
+        while x < x1:
+            draw.line([(x, y0), (x, y1)], fill=fill, width=width)
+            x += step
+    elif kind == "dots":
+        for yy in np.arange(y0 + step / 2, y1, step):
+            for xx in np.arange(x0 + step / 2, x1, step):
+                draw.ellipse((xx - width, yy - width, xx + width, yy + width), fill=fill)
+    elif kind == "checks":
+        for j, yy in enumerate(np.arange(y0, y1, step)):
+            for i, xx in enumerate(np.arange(x0, x1, step)):
+                if (i + j) % 2:
+                    draw.rectangle((xx, yy, min(x1, xx + step), min(y1, yy + step)), fill=fill)
+    elif kind == "diagonal":
+        span = y1 - y0
+        for k in np.arange(-span, x1 - x0, step):  # lines of slope -1, clipped to the box
+            lo, hi = max(0.0, -k / span), min(1.0, (x1 - x0 - k) / span)
+            if lo < hi:
+                draw.line([(x0 + k + lo * span, y1 - lo * span), (x0 + k + hi * span, y1 - hi * span)],
+                          fill=fill, width=width)
+
+
+def render_sprite(sku: Sku, brand: Brand, kind: CategoryKind, px: int) -> Image.Image:
+    """The product on a transparent px x px canvas, upright and centred; the size cue scales it."""
+    img = Image.new("RGBA", (px, px), (0, 0, 0, 0))
+    d = ImageDraw.Draw(img)
+    band = ATTRIBUTES[kind.attribute][sku.attribute][1]
+    n_sizes = len(SIZES[kind.unit])
+    scale = 0.72 + 0.28 * sku.size / max(1, n_sizes - 1)
+    extent = 0.62 * px * scale  # the longer side of the body
+    h = extent if kind.aspect <= 1 else extent / kind.aspect
+    w = h * kind.aspect
+    cx, cy = px / 2, px / 2 + 0.06 * px
+    x0, y0, x1, y1 = cx - w / 2, cy - h / 2, cx + w / 2, cy + h / 2
+    body, accent = brand.primary + (255,), brand.accent + (255,)
+
+    if kind.body == "round":
+        d.rounded_rectangle((x0, y0, x1, y1), radius=0.22 * w, fill=body)
+    elif kind.body == "cylinder":
+        d.rectangle((x0, y0 + 0.06 * h, x1, y1 - 0.06 * h), fill=body)
+        d.ellipse((x0, y1 - 0.12 * h, x1, y1), fill=body)
+        d.ellipse((x0, y0, x1, y0 + 0.12 * h), fill=_mix(brand.primary, (255, 255, 255), 0.3))
+    elif kind.body == "trap_up":
+        d.polygon([(x0, y0), (x1, y0), (x1 - 0.15 * w, y1), (x0 + 0.15 * w, y1)], fill=body)
+    elif kind.body == "trap_down":
+        d.polygon([(x0 + 0.12 * w, y0), (x1 - 0.12 * w, y0), (x1, y1), (x0, y1)], fill=body)
+    elif kind.body == "pillow":
+        d.rounded_rectangle((x0, y0, x1, y1), radius=0.12 * w, fill=body)
+    else:
+        d.rectangle((x0, y0, x1, y1), fill=body)
+
+    def crimp(y: float, up: bool) -> None:
+        teeth = 6
+        tooth = 0.05 * h
+        pts = [(x0 + (x1 - x0) * i / teeth, y + (-tooth if (i % 2) == up else 0)) for i in range(teeth + 1)]
+        d.polygon([(x0, y), *pts, (x1, y)], fill=_mix(brand.primary, (0, 0, 0), 0.25))
+        d.rectangle((x0, min(y, y + (-tooth if up else tooth)), x1, max(y, y + (-tooth if up else tooth))),
+                    fill=_mix(brand.primary, (0, 0, 0), 0.25))
+
+    neck_w = 0.34 * w
+    if kind.top in ("neck", "pump", "dropper", "nozzle"):
+        d.rectangle((cx - neck_w / 2, y0 - 0.1 * h, cx + neck_w / 2, y0 + 1), fill=body)
+        d.rectangle((cx - neck_w * 0.65, y0 - 0.2 * h, cx + neck_w * 0.65, y0 - 0.09 * h), fill=accent)
+        if kind.top == "pump":
+            d.rectangle((cx - 0.06 * w, y0 - 0.3 * h, cx + 0.06 * w, y0 - 0.2 * h), fill=accent)
+            d.rectangle((cx - 0.06 * w, y0 - 0.33 * h, cx + 0.4 * w, y0 - 0.28 * h), fill=accent)
+        elif kind.top == "dropper":
+            d.ellipse((cx - neck_w * 0.5, y0 - 0.36 * h, cx + neck_w * 0.5, y0 - 0.18 * h), fill=accent)
+        elif kind.top == "nozzle":
+            d.rectangle((cx - neck_w * 0.3, y0 - 0.28 * h, cx + neck_w * 0.3, y0 - 0.2 * h), fill=(40, 40, 40, 255))
+    elif kind.top == "lid":
+        d.rectangle((x0 - 0.03 * w, y0 - 0.14 * h, x1 + 0.03 * w, y0 + 0.02 * h), fill=accent)
+    elif kind.top == "crimp":
+        crimp(y0, up=True)
+    elif kind.top == "gable":
+        roof = _mix(brand.primary, (255, 255, 255), 0.25)
+        d.polygon([(x0, y0), (cx, y0 - 0.25 * h * min(1.0, w / h)), (x1, y0)], fill=roof)
+    if kind.bottom == "cap":
+        d.rectangle((cx - 0.3 * w, y1 - 1, cx + 0.3 * w, y1 + 0.12 * h), fill=accent)
+    elif kind.bottom == "crimp":
+        crimp(y1, up=False)
+
+    # The label: brand secondary colour, the variant's pattern and band, the brand mark.
+    lx0, ly0, lx1, ly1 = x0 + 0.14 * w, y0 + 0.22 * h, x1 - 0.14 * w, y0 + 0.7 * h
+    d.rectangle((lx0, ly0, lx1, ly1), fill=brand.secondary + (255,))
+    _pattern(d, sku.pattern, (lx0, ly0, lx1, ly1), _mix(brand.secondary, band, 0.45) + (255,))
+    d.rectangle((x0 + 0.04 * w, y0 + 0.74 * h, x1 - 0.04 * w, y0 + 0.88 * h), fill=band + (255,))
+    r = 0.2 * min(lx1 - lx0, ly1 - ly0) + 0.6
+    _mark(d, brand.mark, cx, (ly0 + ly1) / 2, max(1.0, r * 1.6), accent)
+    return img
+
+
+def _background(size: int, rng: np.random.Generator) -> Image.Image:
+    base = _hsv(rng.random(), rng.uniform(0.0, 0.35), rng.uniform(0.35, 0.95))
+    img = Image.new("RGB", (size, size), base)
+    d = ImageDraw.Draw(img)
+    for _ in range(int(rng.integers(2, 7))):  # clutter: shelves, other objects, table edges
+        color = _hsv(rng.random(), rng.uniform(0.0, 0.6), rng.uniform(0.2, 1.0))
+        x0, y0 = rng.uniform(-0.2, 1.0, size=2) * size
+        w, h = rng.uniform(0.1, 0.7, size=2) * size
+        shape = rng.integers(3)
+        if shape == 0:
+            d.rectangle((x0, y0, x0 + w, y0 + h), fill=color)
+        elif shape == 1:
+            d.ellipse((x0, y0, x0 + w, y0 + h), fill=color)
+        else:
+            d.line([(x0, y0), (x0 + w, y0 + h)], fill=color, width=max(1, int(rng.integers(1, 4)) * size // 32))
+    return img
+
+
+def render_photo(sprite: Image.Image, size: int, rng: np.random.Generator) -> Image.Image:
+    """One seller photo of the product: pose, scale, position, clutter, occlusion, lighting, blur, noise."""
+    img = _background(size, rng)
+    angle = float(np.clip(rng.normal(0, 12), -35, 35))
+    part = sprite.rotate(angle, resample=Image.BILINEAR, expand=True)
+    k = rng.uniform(0.62, 0.95) * size / sprite.width
+    part = part.resize((max(1, round(part.width * k)), max(1, round(part.height * k))), Image.BILINEAR)
+    x = int(round((size - part.width) / 2 + rng.normal(0, 0.1) * size))
+    y = int(round((size - part.height) / 2 + rng.normal(0, 0.08) * size))
+    img.paste(part, (x, y), part)
+    if rng.random() < 0.3:  # something in front of the product: a hand, a price tag, another item
+        d = ImageDraw.Draw(img)
+        ow, oh = rng.uniform(0.15, 0.35, size=2) * size
+        ox = x + rng.uniform(0, 1) * part.width - ow / 2
+        oy = y + rng.uniform(0, 1) * part.height - oh / 2
+        color = _hsv(rng.random(), rng.uniform(0.0, 0.5), rng.uniform(0.3, 1.0))
+        (d.ellipse if rng.random() < 0.5 else d.rectangle)((ox, oy, ox + ow, oy + oh), fill=color)
+    if rng.random() < 0.35:
+        img = img.filter(ImageFilter.GaussianBlur(radius=float(rng.uniform(0.3, 1.0)) * size / 64))
+    pixels = np.asarray(img, dtype=np.float32)
+    ramp = np.linspace(-0.5, 0.5, size, dtype=np.float32)
+    theta = rng.uniform(0, 2 * math.pi)
+    light = 1.0 + rng.uniform(0, 0.4) * (np.cos(theta) * ramp[None, :] + np.sin(theta) * ramp[:, None])
+    gain = rng.uniform(0.7, 1.2) * rng.uniform(0.92, 1.08, size=3).astype(np.float32)
+    pixels = pixels * light[:, :, None] * gain + rng.normal(0, rng.uniform(1, 6), size=pixels.shape)
+    return Image.fromarray(np.clip(np.rint(pixels), 0, 255).astype(np.uint8), "RGB")
+
+
+def render_catalog(sprite: Image.Image, size: int) -> Image.Image:
+    """The clean catalog picture: the product upright on white."""
+    img = Image.new("RGB", (size, size), (255, 255, 255))
+    part = sprite.resize((size, size), Image.BILINEAR)
+    img.paste(part, (0, 0), part)
+    return img
+
+
+# --- titles ---------------------------------------------------------------------------------------
+
+def _misspell(word: str, rng: np.random.Generator) -> str:
+    if len(word) < 3:
+        return word
+    i = int(rng.integers(1, len(word) - 1))
+    how = rng.integers(3)
+    if how == 0:
+        return word[:i] + word[i + 1] + word[i] + word[i + 2:]  # swap two letters
+    if how == 1:
+        return word[:i] + word[i + 1:]  # drop one
+    return word[:i] + word[i] + word[i:]  # double one
+
+
+def _is_latin(word: str) -> bool:
+    return any("a" <= c.lower() <= "z" for c in word)
+
+
+def product_title(sku: Sku, brand: Brand, kind: CategoryKind) -> str:
+    """The clean catalog title: brand, model, category, variant, size."""
+    return " ".join([brand.latin, brand.chinese, sku.model, kind.word,
+                     ATTRIBUTES[kind.attribute][sku.attribute][0], SIZES[kind.unit][sku.size]])
+
+
+def seller_title(sku: Sku, brand: Brand, kind: CategoryKind, noise: float, empty_rate: float,
+                 rng: np.random.Generator) -> str:
+    """A noisy seller title. `noise` is the share of noise words and the chance each variant word is
+    dropped or swapped for a wrong one; brand and category words are dropped with chance noise**2."""
+    if rng.random() < empty_rate:
+        return ""
+    noise = min(max(noise, 0.0), 0.95)
+    keep_core = 1.0 - noise ** 2
+    words = []
+    if rng.random() < 0.8 and rng.random() < keep_core:
+        words.append(brand.latin)
+    if rng.random() < 0.6 and rng.random() < keep_core:
+        words.append(brand.chinese)
+    if rng.random() < 0.5 and rng.random() < keep_core:
+        words.append(sku.model)
+    if rng.random() < keep_core:
+        words.append(kind.word)
+    if rng.random() < 0.3:
+        words.append(kind.tags[int(rng.integers(2))])
+    for values, value in ((ATTRIBUTES[kind.attribute], sku.attribute), (SIZES[kind.unit], sku.size)):
+        if rng.random() >= noise:
+            chosen = value
+        elif rng.random() < 0.5:
+            continue
+        else:
+            chosen = int(rng.integers(len(values) - 1))
+            chosen += chosen >= value  # a wrong variant, never the right one
+        item = values[chosen]
+        words.append(item[0] if isinstance(item, tuple) else item)
+    n_noise = min(30, int(rng.poisson(max(len(words), 3) * noise / (1.0 - noise))))
+    for _ in range(n_noise):
+        pool = PROMO_WORDS if rng.random() < 0.6 else IRRELEVANT_WORDS
+        words.append(pool[int(rng.integers(len(pool)))])
+    words = [_misspell(w, rng) if _is_latin(w) and rng.random() < 0.05 + 0.15 * noise else w for w in words]
+    order = rng.permutation(len(words))
+    words = [words[i] for i in order]
+    out = words[:1]
+    for word in words[1:]:  # sellers often glue Chinese words together
+        glue = not _is_latin(word) and not _is_latin(out[-1]) and rng.random() < 0.25
+        out[-1:] = [out[-1] + word] if glue else [out[-1], word]
+    return " ".join(out)
+
+
+# --- the generator --------------------------------------------------------------------------------
+
+def _save_png(img: Image.Image, path: Path) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    img.save(path, format="PNG", compress_level=6)
+
+
+def generate(out_dir: str | Path, cfg) -> dict:
+    """Write the demo world described by `cfg` (a `sicot.config.Data`) to the local directory `out_dir`.
+
+    The directory is built under a temporary name and replaces `out_dir` only when complete.
+    Returns the world's statistics (also written to world.json).
+    """
+    started = time.perf_counter()
+    for name in ("skus", "brands", "categories", "max_images", "image_size"):
+        if getattr(cfg, name) < 1:
+            raise ValueError(f"data.{name} must be >= 1, got {getattr(cfg, name)}")
+    if cfg.image_size < 8:
+        raise ValueError(f"data.image_size must be >= 8, got {cfg.image_size}")
+    world_rng = np.random.default_rng([cfg.seed, 0])
+    brands = make_brands(cfg.brands, world_rng)
+    categories = make_categories(cfg.categories)
+    total = cfg.skus + cfg.holdout_skus
+    skus = make_skus(total, brands, categories, world_rng)
+    is_holdout = np.zeros(total, dtype=bool)
+    is_holdout[world_rng.choice(total, size=cfg.holdout_skus, replace=False)] = True
+    trained = np.flatnonzero(~is_holdout)
+    counts = np.zeros(total, dtype=int)
+    counts[world_rng.permutation(trained)] = train_counts(len(trained), cfg.max_images, cfg.imbalance, cfg.profile)
+
+    size = cfg.image_size
+    sprite_px = 2 * size  # drawn at twice the size, so the downscaled photo is anti-aliased
+    n_images = {"train": 0, "val": 0, "test": 0, "holdout": 0, "catalog": 0}
+    with storage.atomic_dir(out_dir) as tmp:
+        names = ["train", "val", "test", "catalog"] + (["holdout"] if cfg.holdout_skus else [])
+        files = {name: open(tmp / f"{name}.jsonl", "w", encoding="utf-8") for name in names}
+        try:
+            for index, sku in enumerate(skus):
+                brand, kind = brands[sku.brand], categories[sku.category]
+                rng = np.random.default_rng([cfg.seed, 1, index])
+                sprite = render_sprite(sku, brand, kind, sprite_px)
+                plan = ([("holdout", cfg.test_per_class)] if is_holdout[index] else
+                        [("train", int(counts[index])), ("val", cfg.val_per_class), ("test", cfg.test_per_class)])
+                for split, n in plan:
+                    for k in range(n):
+                        rel = f"images/{sku.id}/{split}_{k:04d}.png"
+                        _save_png(render_photo(sprite, size, rng), tmp / rel)
+                        title = seller_title(sku, brand, kind, cfg.title_noise, cfg.empty_title_rate, rng)
+                        files[split].write(json.dumps({"image": rel, "sku": sku.id, "title": title,
+                                                       "tags": list(kind.tags)}, ensure_ascii=False) + "\n")
+                    n_images[split] += n
+                rel = f"images/catalog/{sku.id}.png"
+                _save_png(render_catalog(sprite, size), tmp / rel)
+                attr_word = ATTRIBUTES[kind.attribute][sku.attribute][0]
+                entry = {"image": rel, "sku": sku.id, "title": product_title(sku, brand, kind),
+                         "tags": [*kind.tags, brand.latin, attr_word]}
+                files["catalog"].write(json.dumps(entry, ensure_ascii=False) + "\n")
+                n_images["catalog"] += 1
+        finally:
+            for fh in files.values():
+                fh.close()
+        train = counts[trained]
+        stats = {
+            "skus": int(cfg.skus), "holdout_skus": int(cfg.holdout_skus), "brands": len(brands),
+            "categories": len(categories), "product_lines": len({(s.brand, s.category) for s in skus}),
+            "images": n_images,
+            "max_class_images": int(train.max()), "min_class_images": int(train.min()),
+            "imbalance_requested": float(cfg.imbalance), "imbalance_measured": float(train.max() / train.min()),
+        }
+        (tmp / "world.json").write_text(json.dumps({"params": asdict(cfg), "stats": stats}, ensure_ascii=False,
+                                                   indent=1) + "\n", encoding="utf-8")
+    stats["seconds"] = round(time.perf_counter() - started, 2)
+    return stats
