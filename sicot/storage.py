@@ -44,7 +44,9 @@ def _split(uri: str) -> tuple[str, str]:
 def s3():
     import boto3  # lazy: boto3 costs import time and is only needed for s3:// URIs
 
-    return boto3.client("s3")
+    # A fresh session, not boto3's default one: that caches the credentials it first found, so
+    # `s3.cache_clear()` after the environment changes would otherwise keep signing with the old keys.
+    return boto3.session.Session().client("s3")
 
 
 def _is_missing(exc: Exception) -> bool:
@@ -139,7 +141,10 @@ def delete_tree(prefix: str) -> None:
         bucket = _split(prefix)[0]
         for start in range(0, len(keys), 1000):
             chunk = [{"Key": k} for k in keys[start:start + 1000]]
-            s3().delete_objects(Bucket=bucket, Delete={"Objects": chunk})
+            errors = s3().delete_objects(Bucket=bucket, Delete={"Objects": chunk}).get("Errors", [])
+            if errors:  # a batch delete reports failures per key instead of raising
+                first = errors[0]
+                raise StorageError(f"s3://{bucket}/{first['Key']}: delete failed: {first.get('Message', first)}")
         return
     shutil.rmtree(prefix, ignore_errors=True)
 
