@@ -1,6 +1,6 @@
 """Publish the product index for the champion model: catalog embeddings in shards, then an atomic switch.
 
-`models:/<promote.model_name>@champion` embeds every catalog image (on GPU when present); the SKU
+The champion (or `publish.model_version`) embeds every catalog image (on GPU when present); the SKU
 table and embeddings go to a new immutable version under `paths.index` (a folder or `s3://` prefix),
 and `index/CURRENT` moves to it only when every shard is complete (see `sicot.index`).
 
@@ -17,16 +17,19 @@ from sicot import index, storage, tracking
 from sicot.config import Params
 
 
-@functools.cache
-def _champion(name: str) -> tuple[str, str]:
-    """(local model file, version label) of the current champion."""
+def champion_version(name: str) -> str:
     version = tracking.alias_version(name, "champion")
     if version is None:
         raise LookupError(f"registered model {name!r} has no champion yet: run promote_model first")
+    return str(version.version)
+
+
+@functools.cache
+def _model_file(name: str, version: str) -> str:
     from mlflow.artifacts import download_artifacts
 
-    local = Path(download_artifacts(f"models:/{name}/{version.version}"))
-    return str(next(local.rglob("model.pt"))), f"{name}-v{version.version}"
+    tracking.setup()
+    return str(next(Path(download_artifacts(f"models:/{name}/{version}")).rglob("model.pt")))
 
 
 def _embedder(model_file: str):
@@ -47,12 +50,14 @@ def _embedder(model_file: str):
 def run(params: Params, merge: bool = False) -> dict:
     from sicot.data.manifest import load_manifest
 
-    cfg, root = params.publish, params.paths.index
-    model_file, model_version = _champion(params.promote.model_name)
+    cfg, root, name = params.publish, params.paths.index, params.promote.model_name
+    # Shards built in separate pods pin one version, so a champion moving mid-publish cannot mix models.
+    number = cfg.model_version or champion_version(name)
+    model_file, model_version = _model_file(name, number), f"{name}-v{number}"
     manifest = load_manifest(params.paths.prepared, verify_images=False)
     version = index.version_id(model_version, manifest.catalog, cfg.shards)
     out = index.version_uri(root, version)
-    model_uri = f"models:/{params.promote.model_name}@champion ({model_version})"
+    model_uri = f"models:/{name}/{number}"
     if merge:
         return index.publish(root, version, cfg.shards, cfg.keep_versions, model_uri=model_uri)
 

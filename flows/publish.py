@@ -39,7 +39,10 @@ def merge(params_file: str, overrides: list[str]) -> dict:
 def publish(overrides: list[str] | None = None, params_file: str = "params.yaml", shard_deployment: str = "") -> dict:
     """Build every shard of the champion's product index, then publish it atomically."""
     overrides = list(overrides or [])
-    shards = load_params(params_file, overrides).publish.shards
+    params = load_params(params_file, overrides)
+    if not params.publish.model_version:  # every shard embeds with the same model version
+        overrides.append(f"publish.model_version={publish_index.champion_version(params.promote.model_name)}")
+    shards = params.publish.shards
     futures = build_shard.map(params_file, unmapped(overrides), range(shards), unmapped(shard_deployment))
     wait(futures)
     failed = [f"shard {k}: {f.state.message}" for k, f in enumerate(futures) if not f.state.is_completed()]

@@ -102,6 +102,7 @@ class Promote:
 class Publish:
     shards: int = 2
     shard: int = -1
+    model_version: str = ""
     keep_versions: int = 3
     batch_size: int = 128
 
