@@ -166,6 +166,8 @@ def _coerce(dotted: str, value: Any, kind: type) -> Any:
         return float(value)
     if kind is str and value is None:
         return ""
+    if kind is str and isinstance(value, (int, float)) and not isinstance(value, bool):
+        return str(value)  # `--set publish.model_version=3` means the string "3"
     if not isinstance(value, kind) or isinstance(value, bool) and kind is not bool:
         raise ConfigError(f"{dotted}: expected {kind.__name__}, got {value!r}")
     return value
