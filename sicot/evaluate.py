@@ -1,0 +1,295 @@
+"""Test-split evaluation of every trained model: top-k overall and by long-tail group, per class, plots,
+the word-attention view of SICoT's title stream, and the baseline vs co-training comparison.
+
+Writes, per model directory `paths.models/<model>/model.pt`:
+- `reports/<model>/metrics.json`: the evaluation output contract (ARCHITECTURE.md),
+- `reports/<model>/per_class.csv` and `per_class.png` (top-1 against training images, log x),
+- `reports/<model>/attention.html` when the model has a title encoder with word attention,
+and `reports/comparison.json` / `comparison.md` when both `baseline` and `sicot` exist.
+A group with no test image reports accuracy 0.0 with `images: 0`.
+"""
+from __future__ import annotations
+
+import csv
+import html
+import io
+import json
+from typing import Sequence
+
+import numpy as np
+import torch
+
+from sicot import storage
+from sicot.config import Params
+
+GROUPS = ("head", "tail", "many", "medium", "few")
+COMPARED = (("overall", "top1"), ("overall", "top3"), ("head", "top1"), ("head", "top3"),
+            ("tail", "top1"), ("tail", "top3"))
+
+
+class EvaluationError(ValueError):
+    pass
+
+
+# --- metrics ------------------------------------------------------------------------------------------
+
+def hits(topk: np.ndarray, labels: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Per image: (true class ranked first, true class in the first three)."""
+    return topk[:, 0] == labels, (topk[:, :3] == labels[:, None]).any(axis=1)
+
+
+def summarize(model: str, topk: np.ndarray, labels: np.ndarray, train_counts: Sequence[int],
+              head_threshold: int) -> dict:
+    """The metrics.json contract from top-k predictions [N, k] and true labels [N] (class indices).
+
+    `train_counts[c]` = training images of class c: it decides head/tail (>= head_threshold) and the
+    many/medium/few shot group of every test image's class.
+    """
+    from sicot.data.longtail import shot_group
+
+    top1, top3 = hits(topk, labels)
+    counts = np.asarray(train_counts)[labels]
+    member = {"head": counts >= head_threshold, "tail": counts < head_threshold}
+    shots = np.array([shot_group(int(n)) for n in counts])
+    member.update({g: shots == g for g in ("many", "medium", "few")})
+
+    def part(rows: np.ndarray) -> dict:
+        n = int(rows.sum())
+        return {"top1": float(top1[rows].mean()) if n else 0.0, "top3": float(top3[rows].mean()) if n else 0.0,
+                "classes": int(len(np.unique(labels[rows]))), "images": n}
+
+    out = {"model": model, "top1": float(top1.mean()) if len(labels) else 0.0,
+           "top3": float(top3.mean()) if len(labels) else 0.0, "head_threshold": head_threshold}
+    out.update({g: part(member[g]) for g in GROUPS})
+    return out
+
+
+def per_class(topk: np.ndarray, labels: np.ndarray, classes: Sequence[str], train_counts: Sequence[int],
+              head_threshold: int) -> list[dict]:
+    """One row per class with test images: its accuracy next to how much it had to learn from."""
+    from sicot.data.longtail import shot_group
+
+    top1, top3 = hits(topk, labels)
+    rows = []
+    for c in np.unique(labels):
+        mine = labels == c
+        n = int(train_counts[c])
+        rows.append({"class": int(c), "sku": classes[c], "train_images": n, "test_images": int(mine.sum()),
+                     "top1": float(top1[mine].mean()), "top3": float(top3[mine].mean()),
+                     "group": "head" if n >= head_threshold else "tail", "shot": shot_group(n)})
+    return rows
+
+
+def comparison(baseline: dict, cotraining: dict) -> tuple[dict, str]:
+    """The paper-style table: overall/head/tail x top-1/top-3, baseline vs co-training and the gain."""
+    rows = []
+    for group, metric in COMPARED:
+        b = baseline[metric] if group == "overall" else baseline[group][metric]
+        s = cotraining[metric] if group == "overall" else cotraining[group][metric]
+        rows.append({"group": group, "metric": metric, "baseline": b, "cotraining": s, "gain": s - b})
+    table = ["| test accuracy (%) | baseline | co-training | gain |", "|---|---:|---:|---:|"]
+    table += [f"| {r['group']} top-{r['metric'][-1]} | {100 * r['baseline']:.1f} | {100 * r['cotraining']:.1f} "
+              f"| {100 * r['gain']:+.1f} |" for r in rows]
+    return {"baseline": baseline["model"], "cotraining": cotraining["model"], "rows": rows}, "\n".join(table) + "\n"
+
+
+# --- model outputs ------------------------------------------------------------------------------------
+
+@torch.no_grad()
+def predict(recognizer, dataset, batch_size: int, device: torch.device, k: int = 3) -> tuple[np.ndarray, np.ndarray]:
+    """(top-k class indices [N, k], labels [N]) over a dataset."""
+    from torch.utils.data import DataLoader
+
+    from sicot.data.dataset import collate
+
+    recognizer.to(device).eval()
+    tops, labels = [], []
+    for batch in DataLoader(dataset, batch_size=batch_size, shuffle=False, collate_fn=collate):
+        tops.append(recognizer.topk(batch["image"].to(device), k)[1].cpu())
+        labels.append(batch["label"])
+    if not tops:
+        return np.zeros((0, k), dtype=np.int64), np.zeros(0, dtype=np.int64)
+    return torch.cat(tops).numpy(), torch.cat(labels).numpy()
+
+
+@torch.no_grad()
+def word_attention(encoder, vocab, max_len: int, title: str) -> list[tuple[str, float, bool]]:
+    """(word, attention weight, known to the vocabulary) for a title's words, in title order."""
+    from sicot.text.tokenize import tokenize
+    from sicot.text.word2vec import UNK
+
+    words = tokenize(title)[:max_len]
+    if not words:
+        return []
+    ids = torch.tensor([vocab.ids(words)])
+    _, attention = encoder(ids, torch.ones_like(ids, dtype=torch.bool))
+    if attention is None:
+        return []
+    return [(w, float(a), i != UNK) for w, a, i in zip(words, attention[0].tolist(), ids[0].tolist())]
+
+
+def attention_html(samples: list[tuple[str, str, list[tuple[str, float, bool]]]]) -> str:
+    """Fig. 7-style view: each title's words ordered by attention, top-3 and bottom-3 marked."""
+    css = ("body{font-family:sans-serif;margin:2em}table{border-collapse:collapse}td,th{padding:.4em .6em;"
+           "border-bottom:1px solid #ddd;vertical-align:top}.w{display:inline-block;margin:.1em .2em;"
+           "padding:.1em .4em;border-radius:.3em;background:#eee}.top{background:#9be39b;font-weight:bold}"
+           ".bottom{background:#f4b6b6}.unk{font-style:italic}small{color:#555}")
+    rows = []
+    for sku, title, words in samples:
+        ranked = sorted(words, key=lambda w: -w[1])
+        cells = []
+        for rank, (word, weight, known) in enumerate(ranked):
+            kind = "top" if rank < 3 else "bottom" if rank >= max(3, len(ranked) - 3) else ""
+            kind += "" if known else " unk"
+            cells.append(f'<span class="w {kind.strip()}">{html.escape(word)} <small>{weight:.2f}</small></span>')
+        rows.append(f"<tr><td>{html.escape(sku)}</td><td>{html.escape(title)}</td><td>{''.join(cells)}</td></tr>")
+    return ("<!doctype html><html><head><meta charset=\"utf-8\"><title>SICoT word attention</title>"
+            f"<style>{css}</style></head><body><h1>Word attention of the title stream</h1>"
+            "<p>Words of each test title ordered by attention weight: <span class=\"w top\">top 3</span> "
+            "<span class=\"w bottom\">bottom 3</span> <span class=\"w unk\">not in the vocabulary</span></p>"
+            "<table><tr><th>SKU</th><th>title</th><th>words by attention</th></tr>"
+            + "\n".join(rows) + "</table></body></html>\n")
+
+
+def per_class_png(rows: list[dict], model: str, head_threshold: int) -> bytes:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7, 4.5), dpi=100)
+    for group, colour in (("head", "tab:blue"), ("tail", "tab:orange")):
+        mine = [r for r in rows if r["group"] == group]
+        ax.scatter([r["train_images"] for r in mine], [r["top1"] for r in mine], s=14, alpha=0.7,
+                   color=colour, label=f"{group} ({len(mine)} classes)")
+    ax.axvline(head_threshold, color="grey", linestyle="--", linewidth=1)
+    ax.set_xscale("log")
+    ax.set_ylim(-0.03, 1.03)
+    ax.set_xlabel("training images of the class (log)")
+    ax.set_ylabel("test top-1 of the class")
+    ax.set_title(f"{model}: per-class accuracy against training data")
+    ax.legend(loc="lower right")
+    fig.tight_layout()
+    buffer = io.BytesIO()
+    fig.savefig(buffer, format="png")
+    plt.close(fig)
+    return buffer.getvalue()
+
+
+def csv_text(rows: list[dict]) -> str:
+    buffer = io.StringIO()
+    fields = ["class", "sku", "train_images", "test_images", "top1", "top3", "group", "shot"]
+    writer = csv.DictWriter(buffer, fieldnames=fields, lineterminator="\n")
+    writer.writeheader()
+    writer.writerows(rows)
+    return buffer.getvalue()
+
+
+# --- the step -----------------------------------------------------------------------------------------
+
+def trained_models(models_root: str) -> list[str]:
+    """Names of the model directories under `models_root` that hold a finished `model.pt`."""
+    return [name for name in storage.list_children(models_root)
+            if storage.exists(storage.join(models_root, name, "model.pt"))]
+
+
+def score(model_uri: str, params: Params, manifest, device: torch.device):
+    """(recognizer, top-3 class indices [N, 3], labels [N], training images per class) on the test split."""
+    from sicot.data.dataset import ProductDataset
+    from sicot.data.longtail import class_counts
+    from sicot.model.recognizer import Recognizer
+
+    recognizer = Recognizer.load(model_uri)
+    index = {sku: i for i, sku in enumerate(recognizer.classes)}
+    unknown = sorted({r.sku for r in manifest.test} - index.keys())
+    if unknown:
+        raise EvaluationError(f"{model_uri} does not know {len(unknown)} SKU(s) of the test split "
+                              f"(e.g. {unknown[:3]}): it was trained on other data; retrain it")
+    counts = class_counts(manifest.train)
+    dataset = ProductDataset(manifest.root, manifest.test, index, recognizer.image_size)
+    topk, labels = predict(recognizer, dataset, params.evaluate.batch_size, device)
+    return recognizer, topk, labels, [counts.get(sku, 0) for sku in recognizer.classes]
+
+
+def evaluate_model_file(model_uri: str, params: Params, name: str = "candidate") -> dict:
+    """metrics.json's content for any model file on the current test split; writes nothing."""
+    from sicot.data.manifest import load_manifest
+    from sicot.train import pick_device
+
+    manifest = load_manifest(params.paths.prepared, verify_images=False)
+    _, topk, labels, counts = score(model_uri, params, manifest, pick_device(params.train.device))
+    return summarize(name, topk, labels, counts, params.evaluate.head_threshold)
+
+
+def report_model(name: str, params: Params, manifest, device: torch.device) -> dict:
+    """Evaluate `paths.models/<name>` and write its reports; returns metrics.json's content."""
+    model_dir = storage.join(params.paths.models, name)
+    recognizer, topk, labels, counts = score(storage.join(model_dir, "model.pt"), params, manifest, device)
+    threshold = params.evaluate.head_threshold
+    metrics = summarize(name, topk, labels, counts, threshold)
+    rows = per_class(topk, labels, recognizer.classes, counts, threshold)
+
+    out = storage.join(params.paths.reports, name)
+    storage.write_text(storage.join(out, "metrics.json"), json.dumps(metrics, indent=2) + "\n")
+    storage.write_text(storage.join(out, "per_class.csv"), csv_text(rows))
+    storage.write_bytes(storage.join(out, "per_class.png"), per_class_png(rows, name, threshold))
+    encoder_uri = storage.join(model_dir, "text_encoder.pt")
+    if storage.exists(encoder_uri):
+        page = attention_page(encoder_uri, manifest.test, params.evaluate.attention_samples)
+        if page:
+            storage.write_text(storage.join(out, "attention.html"), page)
+    return metrics
+
+
+def attention_page(encoder_uri: str, records, samples: int) -> str | None:
+    """The attention view for `samples` test titles spread evenly over the split (None when the encoder
+    has no word attention, e.g. `mean`)."""
+    from sicot.model.text_encoders import load_text_encoder
+
+    encoder, vocab, max_len = load_text_encoder(encoder_uri)
+    titled = [r for r in records if r.title.strip()]
+    picks = [titled[i] for i in np.linspace(0, len(titled) - 1, min(samples, len(titled))).astype(int)] if titled else []
+    views = [(r.sku, r.title, word_attention(encoder, vocab, max_len, r.title)) for r in picks]
+    views = [v for v in views if v[2]]
+    return attention_html(views) if views else None
+
+
+def evaluate_all(params: Params, track: bool = True) -> dict:
+    """Evaluate every trained model; returns {model: metrics} plus the comparison when both exist."""
+    from sicot.data.manifest import load_manifest
+    from sicot.train import pick_device
+
+    names = trained_models(params.paths.models)
+    if not names:
+        raise EvaluationError(f"no trained model under {params.paths.models} (looked for */model.pt); "
+                              "run train_model first")
+    manifest = load_manifest(params.paths.prepared, verify_images=False)
+    device = pick_device(params.train.device)
+    results = {name: report_model(name, params, manifest, device) for name in names}
+    outputs = {"models": results, "reports": params.paths.reports}
+    if "baseline" in results and "sicot" in results:
+        table, markdown = comparison(results["baseline"], results["sicot"])
+        storage.write_text(storage.join(params.paths.reports, "comparison.json"), json.dumps(table, indent=2) + "\n")
+        storage.write_text(storage.join(params.paths.reports, "comparison.md"), markdown)
+        outputs["comparison"] = table
+    if track:
+        outputs["run_id"] = log_to_mlflow(params, results, outputs.get("comparison"))
+    return outputs
+
+
+def log_to_mlflow(params: Params, results: dict, table: dict | None) -> str:
+    from sicot import tracking
+
+    with tracking.step_run("evaluate_model", params, sections=("evaluate",)) as run:
+        import mlflow
+
+        for name, metrics in results.items():
+            flat = {f"{name}.top1": metrics["top1"], f"{name}.top3": metrics["top3"]}
+            flat.update({f"{name}.{g}.{m}": metrics[g][m] for g in GROUPS for m in ("top1", "top3")})
+            mlflow.log_metrics(flat)
+            for key in storage.list_keys(storage.join(params.paths.reports, name)):
+                if not storage.is_s3(key):
+                    mlflow.log_artifact(key, artifact_path=name)
+        if table is not None:
+            mlflow.log_dict(table, "comparison.json")
+        return run.info.run_id

@@ -1,0 +1,477 @@
+"""The training engine: baseline (visual only) or SICoT (visual + title co-training), one code path.
+
+Reads `paths.prepared` (labels.json, train/val) and, for SICoT, `paths.word2vec`; writes
+`paths.models/<mode>/`: `checkpoint.pt` after every epoch (everything needed to resume), and at the end
+`model.pt` (the image-only `Recognizer`), `history.json` and, for SICoT, `text_encoder.pt` (for the
+attention view). Every file is written atomically and by rank 0 only.
+
+Distributed the plain way: `torchrun` sets RANK/WORLD_SIZE/LOCAL_RANK; without them the same code runs
+as a one-process group. DDP wraps the two encoders (`SICoT.streams`); the classifier stays outside it
+so a class-sharded classifier can own its rows (`make_classifier`), while a replicated one has its
+gradient averaged explicitly.
+"""
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import io
+import json
+import os
+import random
+import shutil
+import sys
+import tempfile
+import time
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+import torch.distributed as dist
+from torch.utils.data import DataLoader, DistributedSampler
+
+from sicot import storage
+from sicot.config import Params
+from sicot.model.backbone import create_backbone
+from sicot.model.classifier import ReplicatedClassifier
+from sicot.model.recognizer import Recognizer
+from sicot.model.sicot import CoTraining, SICoT
+from sicot.model.text_encoders import create_text_encoder, save_text_encoder
+from sicot.text.word2vec import Vocabulary
+
+CHECKPOINT_FORMAT = "sicot.checkpoint/1"
+CLASSIFIER_GROUP = 1  # index of the classifier's parameter group in the optimizer
+
+
+class TrainError(RuntimeError):
+    """A training run that cannot start or continue; the message says what to change."""
+
+
+# --- process group ---------------------------------------------------------------------------------
+
+@dataclass
+class Dist:
+    rank: int
+    world_size: int
+    device: torch.device
+    owns_group: bool
+    store_dir: str | None = None
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+
+def pick_device(preference: str, local_rank: int = 0) -> torch.device:
+    if preference == "cuda" and not torch.cuda.is_available():
+        raise TrainError("train.device=cuda but no CUDA device is available")
+    if preference == "cuda" or preference == "auto" and torch.cuda.is_available():
+        return torch.device("cuda", local_rank)
+    return torch.device("cpu")
+
+
+def setup_distributed(device_preference: str) -> Dist:
+    """Join the torchrun group (WORLD_SIZE set), reuse a group the caller made, or make a 1-process one."""
+    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+    device = pick_device(device_preference, local_rank)
+    if device.type == "cuda":
+        torch.cuda.set_device(device)
+    backend = "nccl" if device.type == "cuda" else "gloo"
+    if dist.is_initialized():
+        return Dist(dist.get_rank(), dist.get_world_size(), device, owns_group=False)
+    if "WORLD_SIZE" in os.environ:
+        dist.init_process_group(backend, init_method="env://")
+        return Dist(dist.get_rank(), dist.get_world_size(), device, owns_group=True)
+    store_dir = tempfile.mkdtemp(prefix="sicot-pg-")
+    store = dist.FileStore(os.path.join(store_dir, "store"), 1)
+    dist.init_process_group(backend, store=store, rank=0, world_size=1)
+    return Dist(0, 1, device, owns_group=True, store_dir=store_dir)
+
+
+def teardown_distributed(d: Dist) -> None:
+    if d.owns_group and dist.is_initialized():
+        dist.destroy_process_group()
+    if d.store_dir:
+        shutil.rmtree(d.store_dir, ignore_errors=True)
+
+
+# --- data --------------------------------------------------------------------------------------------
+
+@dataclass
+class Data:
+    classes: list[str]
+    train: torch.utils.data.Dataset
+    val: torch.utils.data.Dataset
+    train_counts: list[int]
+    vocab: Vocabulary | None  # SICoT mode only
+
+
+def load_data(params: Params) -> Data:
+    from sicot.data.dataset import ProductDataset
+    from sicot.data.longtail import class_counts
+    from sicot.data.manifest import load_manifest
+
+    prepared, t = params.paths.prepared, params.train
+    labels_uri = storage.join(prepared, "labels.json")
+    try:
+        classes = json.loads(storage.read_text(labels_uri))["classes"]
+    except FileNotFoundError:
+        raise TrainError(f"{labels_uri}: not found; run prepare_data first") from None
+    manifest = load_manifest(prepared, verify_images=False)  # prepare_data already verified every image
+    if manifest.classes() != classes:
+        raise TrainError(f"{labels_uri}: classes differ from the SKUs in {prepared}/train.jsonl; "
+                         "re-run prepare_data")
+    vocab, encode = None, None
+    if t.mode == "sicot":
+        vocab = Vocabulary.load(params.paths.word2vec)
+        encode = lambda title: vocab.encode(title, t.max_title_len)  # noqa: E731
+    index = {sku: i for i, sku in enumerate(classes)}
+    counts = class_counts(manifest.train)
+    return Data(classes=classes,
+                train=ProductDataset(prepared, manifest.train, index, t.image_size, encode_title=encode, augment=True),
+                val=ProductDataset(prepared, manifest.val, index, t.image_size, encode_title=encode),
+                train_counts=[counts[sku] for sku in classes], vocab=vocab)
+
+
+# --- model -------------------------------------------------------------------------------------------
+
+def make_classifier(params: Params, dim: int, num_classes: int, group) -> torch.nn.Module:
+    """The one place that decides how W [C, d] is held: replicated on every rank, or class-sharded."""
+    kind = params.train.fc
+    if kind == "auto":
+        kind = "sharded" if dist.get_world_size(group) > 1 else "replicated"
+    if kind == "sharded":
+        from sicot.parallel import ShardedClassifier
+
+        return ShardedClassifier(dim, num_classes, group=group, chunk_rows=params.train.fc_chunk_rows,
+                                 sample_rate=params.train.fc_sample_rate, seed=params.train.seed)
+    return ReplicatedClassifier(dim, num_classes, seed=params.train.seed)
+
+
+def build_model(params: Params, num_classes: int, vocab, group) -> SICoT:
+    t = params.train
+    backbone, dim = create_backbone(t.backbone, t.backbone_weights, out_dim=t.feature_dim)
+    encoder = create_text_encoder(t.text_encoder, vocab.embeddings, dim) if t.mode == "sicot" else None
+    classifier = make_classifier(params, dim, num_classes, group)
+    cotraining = CoTraining(weight=t.cotrain_weight, rampup=t.cotrain_rampup, detach=t.cotrain_detach,
+                            match_norm=t.match_norm, word_dropout=t.word_dropout, title_dropout=t.title_dropout)
+    return SICoT(backbone, dim, classifier, encoder, cotraining=cotraining)
+
+
+def fingerprint(params: Params, model: SICoT, classes: list[str], vocab) -> dict:
+    """What a checkpoint must share with the current run to be resumed."""
+    t = params.train
+    return {
+        "mode": t.mode,
+        "classifier": "sharded" if is_sharded(model) else "replicated",
+        "backbone": t.backbone,
+        "feature_dim": model.dim,
+        "image_size": t.image_size,
+        "text_encoder": t.text_encoder if t.mode == "sicot" else "",
+        "word_vectors": list(vocab.embeddings.shape) if vocab is not None else [],
+        "classes": len(classes),
+        "classes_sha256": hashlib.sha256("\n".join(classes).encode()).hexdigest(),
+    }
+
+
+# --- checkpoint ---------------------------------------------------------------------------------------
+
+def capture_rng() -> dict:
+    state = np.random.get_state()
+    return {"torch": torch.get_rng_state(),
+            "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
+            "numpy": [state[0], torch.from_numpy(state[1].astype(np.int64)), *state[2:]],
+            "python": random.getstate()}
+
+
+def restore_rng(state: dict) -> None:
+    torch.set_rng_state(state["torch"])
+    if state["cuda"] and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+    name, keys, *rest = state["numpy"]
+    np.random.set_state((name, keys.numpy().astype(np.uint32), *rest))
+    version, internal, gauss = state["python"]
+    random.setstate((version, tuple(internal), gauss))
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+
+
+def save_torch(obj, uri: str) -> None:
+    buffer = io.BytesIO()
+    torch.save(obj, buffer)
+    storage.write_bytes(uri, buffer.getvalue())
+
+
+def is_sharded(model: SICoT) -> bool:
+    return not isinstance(model.classifier, ReplicatedClassifier)
+
+
+def save_checkpoint(model: SICoT, optimizer, scheduler, epoch: int, history: list, expected: dict,
+                    out_dir: str, d: Dist) -> None:
+    """Collective. `checkpoint.pt` (rank 0) holds everything but a sharded classifier, which every rank
+    writes to `classifier-<epoch>/` first; the checkpoint names that directory and is written last, so
+    a kill at any point leaves a consistent pair behind."""
+    rng = [None] * d.world_size
+    dist.all_gather_object(rng, capture_rng())
+    model_state, optim_state = model.state_dict(), optimizer.state_dict()
+    classifier_dir = ""
+    if is_sharded(model):
+        from sicot.parallel import checkpoint as sharded_checkpoint
+
+        classifier_dir = f"classifier-{epoch}"
+        sharded_checkpoint.save(storage.join(out_dir, classifier_dir), model.classifier, optimizer)
+        model_state = {k: v for k, v in model_state.items() if not k.startswith("classifier.")}
+        owned = set(optim_state["param_groups"][CLASSIFIER_GROUP]["params"])
+        optim_state["state"] = {i: v for i, v in optim_state["state"].items() if i not in owned}
+    if d.is_main:
+        save_torch({"format": CHECKPOINT_FORMAT, "fingerprint": expected, "epoch": epoch, "model": model_state,
+                    "optimizer": optim_state, "scheduler": scheduler.state_dict(), "rng": rng,
+                    "history": history, "classifier_dir": classifier_dir},
+                   storage.join(out_dir, "checkpoint.pt"))
+        for old in storage.list_children(out_dir):  # sharded classifiers of earlier epochs
+            if old.startswith("classifier-") and old != classifier_dir:
+                storage.delete_tree(storage.join(out_dir, old))
+
+
+def load_checkpoint(uri: str, expected: dict) -> dict:
+    """The checkpoint at `uri`, refused with the differences named when it belongs to another setup."""
+    try:
+        blob = torch.load(io.BytesIO(storage.read_bytes(uri)), map_location="cpu", weights_only=True)
+    except FileNotFoundError:
+        raise TrainError(f"train.resume=true but there is no checkpoint at {uri}; "
+                         "train without resume first") from None
+    if not isinstance(blob, dict) or blob.get("format") != CHECKPOINT_FORMAT:
+        raise TrainError(f"{uri}: not a sicot training checkpoint")
+    found = blob["fingerprint"]
+    differ = [f"{key}: checkpoint {found.get(key)!r}, now {expected[key]!r}"
+              for key in expected if found.get(key) != expected[key]]
+    if differ:
+        raise TrainError(f"{uri} was trained with another configuration and cannot be resumed "
+                         f"({'; '.join(differ)}). Set train.resume=false to start over.")
+    return blob
+
+
+def resume(model: SICoT, optimizer, scheduler, out_dir: str, expected: dict, d: Dist) -> tuple[int, list, dict | None]:
+    """Load the checkpoint into model, optimizer and scheduler: (epochs done, history, this rank's RNG
+    state or None when the world size changed)."""
+    blob = load_checkpoint(storage.join(out_dir, "checkpoint.pt"), expected)
+    missing, unexpected = model.load_state_dict(blob["model"], strict=False)
+    if unexpected or any(not k.startswith("classifier.") or not blob["classifier_dir"] for k in missing):
+        raise TrainError(f"{out_dir}/checkpoint.pt: model state does not fit (missing {missing[:3]}, "
+                         f"unexpected {unexpected[:3]})")
+    optimizer.load_state_dict(blob["optimizer"])
+    scheduler.load_state_dict(blob["scheduler"])
+    if blob["classifier_dir"]:
+        from sicot.parallel import checkpoint as sharded_checkpoint
+
+        sharded_checkpoint.load(storage.join(out_dir, blob["classifier_dir"]), model.classifier, optimizer)
+    rng = blob["rng"][d.rank] if len(blob["rng"]) == d.world_size else None
+    return blob["epoch"], blob["history"], rng
+
+
+# --- loops --------------------------------------------------------------------------------------------
+
+def average_gradients(module: torch.nn.Module, group) -> None:
+    """Mean gradient over ranks for parameters that live outside DDP (a replicated classifier)."""
+    world = dist.get_world_size(group)
+    for p in module.parameters():
+        if p.grad is not None:
+            dist.all_reduce(p.grad, group=group)
+            p.grad /= world
+
+
+def to_device(batch: dict, device: torch.device) -> dict:
+    return {k: v.to(device, non_blocking=True) if torch.is_tensor(v) else v for k, v in batch.items()}
+
+
+def train_one_epoch(model: SICoT, streams, optimizer, loader, device, epoch: int, params: Params,
+                    log_prior, group, show: bool) -> dict:
+    from tqdm import tqdm
+
+    model.train()
+    amp = params.train.amp and device.type == "cuda"
+    sync_classifier = isinstance(model.classifier, ReplicatedClassifier)
+    # loss sum, visual sum, cotrain sum, correct, images: summed on device, read once per refresh.
+    totals = torch.zeros(5, dtype=torch.float64, device=device)
+    start = time.perf_counter()
+    bar = tqdm(loader, desc=f"{params.train.mode} epoch {epoch + 1}/{params.train.epochs}",
+               disable=not show, file=sys.stderr, dynamic_ncols=True, mininterval=1.0)
+    for step, batch in enumerate(bar):
+        batch = to_device(batch, device)
+        labels = batch["label"]
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=amp):
+            loss, parts = model.training_loss(batch["image"], labels, batch.get("tokens"), log_prior,
+                                              params.train.logit_adjust_tau, streams=streams)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        if sync_classifier:
+            average_gradients(model.classifier, group)
+        optimizer.step()
+        n = labels.shape[0]
+        predicted = model.classifier.topk(parts["features"].float(), 1)[1][:, 0]
+        totals += torch.stack([loss.detach() * n, parts["visual"] * n, parts.get("cotrain", loss.new_zeros(())) * n,
+                               (predicted == labels).sum(), loss.new_tensor(n)]).double()
+        if show and step % 10 == 0:
+            seen = totals[4].item()
+            bar.set_postfix(loss=f"{totals[0].item() / seen:.3f}",
+                            img_s=f"{seen * dist.get_world_size(group) / (time.perf_counter() - start):.0f}")
+    dist.all_reduce(totals, group=group)
+    loss_sum, visual_sum, cotrain_sum, correct, seen = totals.tolist()
+    seconds = time.perf_counter() - start
+    out = {"loss": loss_sum / max(seen, 1), "visual_loss": visual_sum / max(seen, 1),
+           "train_top1": correct / max(seen, 1), "images_per_s": seen / seconds, "seconds": seconds}
+    if params.train.mode == "sicot":
+        out["cotrain_loss"] = cotrain_sum / max(seen, 1)
+    return out
+
+
+@torch.no_grad()
+def evaluate(model: SICoT, loader, device, amp: bool) -> float:
+    """Top-1 of the visual stream alone (what the deployed model sees). Every rank scores the whole
+    split: validation is small, and a class-sharded classifier needs all ranks in each top-k."""
+    model.eval()
+    correct = seen = 0
+    for batch in loader:
+        batch = to_device(batch, device)
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=amp):
+            features = model.backbone(batch["image"])
+        predicted = model.classifier.topk(features.float(), 1)[1][:, 0]
+        correct += int((predicted == batch["label"]).sum())
+        seen += batch["label"].shape[0]
+    return correct / seen if seen else 0.0
+
+
+# --- main ---------------------------------------------------------------------------------------------
+
+def make_optimizer(params: Params, model: SICoT):
+    """SGD over two parameter groups, the encoders and the classifier (CLASSIFIER_GROUP), so a sharded
+    classifier's state can be checkpointed apart; StepLR decays both every epoch."""
+    t = params.train
+    groups = [{"params": list(model.streams.parameters())}, {"params": list(model.classifier.parameters())}]
+    optimizer = torch.optim.SGD(groups, lr=t.lr, momentum=t.momentum, weight_decay=t.weight_decay)
+    return optimizer, torch.optim.lr_scheduler.StepLR(optimizer, step_size=1, gamma=t.lr_gamma)
+
+
+def make_loaders(params: Params, data: Data, d: Dist):
+    from sicot.data.dataset import collate
+
+    t = params.train
+    sampler = DistributedSampler(data.train, num_replicas=d.world_size, rank=d.rank, shuffle=True, seed=t.seed)
+    # BatchNorm cannot train on a last batch of one image: drop the ragged end when there is a full batch.
+    loader = DataLoader(data.train, batch_size=t.batch_size, sampler=sampler, num_workers=t.workers,
+                        collate_fn=collate, drop_last=len(sampler) >= t.batch_size,
+                        pin_memory=d.device.type == "cuda")
+    val_loader = DataLoader(data.val, batch_size=params.evaluate.batch_size, shuffle=False,
+                            num_workers=t.workers, collate_fn=collate)
+    return sampler, loader, val_loader
+
+
+def wrap_streams(model: SICoT, params: Params, d: Dist):
+    """The data-parallel runner of the two encoders (the classifier stays outside DDP)."""
+    ids = [d.device.index] if d.device.type == "cuda" else None
+    streams = torch.nn.parallel.DistributedDataParallel(model.streams, device_ids=ids)
+    if not params.train.compile:
+        return streams
+    # Compile one graph: with dynamo's DDP graph split, the SICoT streams' backward fails on CUDA
+    # (inductor stride assertion in convolution_backward, torch 2.11, H100); DDP then all-reduces
+    # after the backward instead of overlapping it.
+    torch._dynamo.config.optimize_ddp = False
+    return torch.compile(streams)
+
+
+def write_outputs(model: SICoT, params: Params, data: Data, history: list, out_dir: str, d: Dist) -> dict:
+    """model.pt (Recognizer), text_encoder.pt (SICoT) and history.json; collective, rank 0 writes."""
+    t = params.train
+    weight = model.classifier.full_weight().detach().cpu()  # a collective for a sharded classifier
+    outputs = {"mode": t.mode, "model": storage.join(out_dir, "model.pt"),
+               "checkpoint": storage.join(out_dir, "checkpoint.pt"),
+               "history": storage.join(out_dir, "history.json"), "epochs": len(history),
+               "val_top1": history[-1]["val_top1"] if history else None}
+    if model.text_encoder is not None:
+        outputs["text_encoder"] = storage.join(out_dir, "text_encoder.pt")
+    if d.is_main:
+        arch = {"backbone": t.backbone, "feature_dim": model.dim}
+        Recognizer(model.backbone, weight, data.classes, t.image_size, arch).save(outputs["model"])
+        if model.text_encoder is not None:
+            save_text_encoder(model.text_encoder, t.text_encoder, data.vocab, t.max_title_len,
+                              outputs["text_encoder"])
+        storage.write_text(outputs["history"], json.dumps(history, indent=2))
+    return outputs
+
+
+def main(params: Params, d: Dist, track: bool = True) -> dict:
+    t = params.train
+    group = dist.group.WORLD
+    if t.threads > 0:
+        torch.set_num_threads(t.threads)
+    # CPU runs repeat bit for bit (tests and resume rely on it); on a GPU the fast cuDNN kernels win.
+    torch.use_deterministic_algorithms(d.device.type == "cpu", warn_only=True)
+    torch.backends.cudnn.benchmark = d.device.type == "cuda"
+    seed_everything(t.seed)
+
+    data = load_data(params)
+    model = build_model(params, len(data.classes), data.vocab, group).to(d.device)
+    optimizer, scheduler = make_optimizer(params, model)
+    out_dir = storage.join(params.paths.models, t.mode)
+    expected = fingerprint(params, model, data.classes, data.vocab)
+    start_epoch, history, rng = 0, [], None
+    if t.resume:
+        start_epoch, history, rng = resume(model, optimizer, scheduler, out_dir, expected, d)
+    streams = wrap_streams(model, params, d)
+    sampler, loader, val_loader = make_loaders(params, data, d)
+    log_prior = None
+    if t.logit_adjust_tau:
+        counts = torch.tensor(data.train_counts, dtype=torch.float64, device=d.device)
+        log_prior = (counts / counts.sum()).log().float()
+    amp = t.amp and d.device.type == "cuda"
+    # The RNG stream picks up where the checkpoint left it; a fresh run gives each rank its own
+    # augmentation draws (the model init above is shared).
+    if rng is not None:
+        restore_rng(rng)
+    else:
+        torch.manual_seed(t.seed + d.rank)
+
+    with (tracking_run(params) if d.is_main and track else contextlib.nullcontext()) as run:
+        for epoch in range(start_epoch, t.epochs):
+            sampler.set_epoch(epoch)
+            model.start_epoch(epoch)
+            lr = optimizer.param_groups[0]["lr"]
+            stats = train_one_epoch(model, streams, optimizer, loader, d.device, epoch, params, log_prior,
+                                    group, show=d.is_main)
+            stats.update(epoch=epoch + 1, lr=lr, val_top1=evaluate(model, val_loader, d.device, amp))
+            scheduler.step()
+            history.append(stats)
+            save_checkpoint(model, optimizer, scheduler, epoch + 1, history, expected, out_dir, d)
+            if d.is_main:
+                print(f"{t.mode} epoch {epoch + 1}/{t.epochs}: loss {stats['loss']:.4f} "
+                      f"train top-1 {stats['train_top1']:.3f} val top-1 {stats['val_top1']:.3f} "
+                      f"({stats['images_per_s']:.0f} img/s)", file=sys.stderr)
+            if run is not None:
+                import mlflow
+
+                mlflow.log_metrics({k: v for k, v in stats.items() if k != "epoch"}, step=epoch + 1)
+        outputs = write_outputs(model, params, data, history, out_dir, d)
+        if run is not None:
+            import mlflow
+
+            mlflow.log_dict(history, "history.json")
+            outputs["run_id"] = run.info.run_id
+    return outputs
+
+
+def tracking_run(params: Params):
+    from sicot import tracking
+
+    return tracking.step_run("train_" + params.train.mode, params, sections=("data", "word2vec", "train"))
+
+
+def train(params: Params, track: bool = True) -> dict:
+    """Train `params.train.mode` and return where its outputs are (`track=False`: no MLflow run)."""
+    d = setup_distributed(params.train.device)
+    try:
+        return main(params, d, track)
+    finally:
+        teardown_distributed(d)

@@ -1,0 +1,113 @@
+import csv
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from sicot.evaluate import attention_html, comparison, per_class, summarize
+
+# 4 classes with 150 (many, head), 40 (medium, head), 12 and 3 (few, tail) training images.
+TRAIN_COUNTS = [150, 40, 12, 3]
+LABELS = np.array([0, 0, 1, 1, 2, 2, 3, 3])
+TOPK = np.array([
+    [0, 1, 2],  # top-1 hit
+    [1, 0, 2],  # top-3 hit only
+    [1, 2, 3],  # top-1 hit
+    [0, 2, 3],  # miss
+    [0, 1, 2],  # top-3 hit only
+    [2, 0, 1],  # top-1 hit
+    [0, 1, 2],  # miss
+    [0, 3, 1],  # top-3 hit only (the true class ranked second)
+])
+
+
+def test_metrics_by_hand():
+    m = summarize("sicot", TOPK, LABELS, TRAIN_COUNTS, head_threshold=20)
+    assert m["model"] == "sicot" and m["head_threshold"] == 20
+    assert m["top1"] == pytest.approx(3 / 8) and m["top3"] == pytest.approx(6 / 8)
+    assert m["head"] == {"top1": 0.5, "top3": 0.75, "classes": 2, "images": 4}
+    assert m["tail"] == {"top1": 0.25, "top3": 0.75, "classes": 2, "images": 4}
+    assert m["many"] == {"top1": 0.5, "top3": 1.0, "classes": 1, "images": 2}
+    assert m["medium"] == {"top1": 0.5, "top3": 0.5, "classes": 1, "images": 2}
+    assert m["few"] == {"top1": 0.25, "top3": 0.75, "classes": 2, "images": 4}
+    # the contract's exact key set
+    assert list(m) == ["model", "top1", "top3", "head_threshold", "head", "tail", "many", "medium", "few"]
+
+
+def test_group_without_test_images_reports_zero_images():
+    m = summarize("baseline", TOPK[:2], LABELS[:2], TRAIN_COUNTS, head_threshold=20)
+    assert m["tail"] == {"top1": 0.0, "top3": 0.0, "classes": 0, "images": 0}
+
+
+def test_per_class_rows():
+    rows = per_class(TOPK, LABELS, ["a", "b", "c", "d"], TRAIN_COUNTS, head_threshold=20)
+    assert [(r["sku"], r["top1"], r["top3"], r["group"], r["shot"]) for r in rows] == [
+        ("a", 0.5, 1.0, "head", "many"), ("b", 0.5, 0.5, "head", "medium"),
+        ("c", 0.5, 1.0, "tail", "few"), ("d", 0.0, 0.5, "tail", "few")]
+
+
+def test_comparison_table():
+    base = summarize("baseline", TOPK, LABELS, TRAIN_COUNTS, 20)
+    better = summarize("sicot", np.tile(LABELS[:, None], (1, 3)), LABELS, TRAIN_COUNTS, 20)
+    table, markdown = comparison(base, better)
+    rows = {(r["group"], r["metric"]): r for r in table["rows"]}
+    assert list(rows) == [(g, m) for g in ("overall", "head", "tail") for m in ("top1", "top3")]
+    assert rows["tail", "top1"]["gain"] == pytest.approx(0.75)
+    assert "| overall top-1 | 37.5 | 100.0 | +62.5 |" in markdown
+    assert markdown.splitlines()[0] == "| test accuracy (%) | baseline | co-training | gain |"
+
+
+def test_attention_view_marks_top_and_bottom_words():
+    words = [("雅诗兰黛", 0.4), ("包邮", 0.01), ("精华液", 0.3), ("正品", 0.02), ("50ml", 0.2),
+             ("新款", 0.03), ("<b>", 0.04)]
+    page = attention_html([("SKU1", "雅诗兰黛 精华液 <b>", [(w, a, w != "新款") for w, a in words])])
+    row = page[page.index("<td>SKU1"):]
+    order = [w for w in ("雅诗兰黛", "精华液", "50ml", "&lt;b&gt;", "新款", "正品", "包邮")]
+    positions = [row.index(f"{w} <small>") for w in order]
+    assert positions == sorted(positions)  # words ordered by attention, title HTML-escaped
+    assert row.count('class="w top"') == 3 and row.count('class="w bottom') == 3
+    assert 'class="w bottom unk">新款' in row
+
+
+def test_evaluate_model_writes_the_reports(tiny_world, tmp_path, monkeypatch):
+    """Both models trained on the tiny world: every report of the contract is written and logged."""
+    from components import evaluate_model
+    from sicot.train import train
+
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path / 'mlflow.db'}")
+    for mode in ("baseline", "sicot"):
+        train(tiny_world.params(tmp_path, f"train.mode={mode}", "train.epochs=1"), track=False)
+    params = tiny_world.params(tmp_path)
+    out = evaluate_model.run(params)
+
+    reports = tmp_path / "reports"
+    for model in ("baseline", "sicot"):
+        metrics = json.loads((reports / model / "metrics.json").read_text())
+        assert metrics == out["models"][model] and metrics["model"] == model
+        assert metrics["head"]["images"] + metrics["tail"]["images"] == 18  # 6 SKUs x 3 test images
+        assert 0.0 <= metrics["top1"] <= metrics["top3"] <= 1.0
+        rows = list(csv.DictReader((reports / model / "per_class.csv").open()))
+        assert len(rows) == 6 and sum(int(r["test_images"]) for r in rows) == 18
+        assert (reports / model / "per_class.png").read_bytes()[:4] == b"\x89PNG"
+    assert not (reports / "baseline" / "attention.html").exists()
+    page = (reports / "sicot" / "attention.html").read_text(encoding="utf-8")
+    assert page.count("<tr><td>SKU") == 4  # evaluate.attention_samples
+    table = json.loads((reports / "comparison.json").read_text())
+    assert table["baseline"] == "baseline" and table["cotraining"] == "sicot" and len(table["rows"]) == 6
+    assert (reports / "comparison.md").read_text().startswith("| test accuracy (%) |")
+
+    import mlflow
+
+    run = mlflow.MlflowClient().get_run(out["run_id"])
+    assert run.data.metrics["sicot.top1"] == pytest.approx(out["models"]["sicot"]["top1"])
+    assert {a.path for a in mlflow.MlflowClient().list_artifacts(out["run_id"])} >= {"baseline", "sicot",
+                                                                                      "comparison.json"}
+
+
+def test_evaluate_without_models_says_what_to_run(tiny_world, tmp_path):
+    from sicot.evaluate import EvaluationError, evaluate_all
+
+    with pytest.raises(EvaluationError, match="run train_model first"):
+        evaluate_all(tiny_world.params(tmp_path), track=False)

@@ -1,0 +1,199 @@
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+
+from sicot.model.recognizer import Recognizer
+from sicot.train import TrainError, load_checkpoint, train
+
+REPO = Path(__file__).resolve().parents[1]
+TIMING = {"seconds", "images_per_s"}
+
+
+def metrics(history):
+    """Per-epoch numbers without the wall-clock ones."""
+    return [{k: v for k, v in epoch.items() if k not in TIMING} for epoch in history]
+
+
+def weights(model_uri):
+    return Recognizer.load(model_uri).state_dict()
+
+
+def assert_same_weights(a, b):
+    assert a.keys() == b.keys()
+    for key in a:
+        assert torch.equal(a[key], b[key]), key
+
+
+def test_two_runs_with_one_seed_are_identical(tiny_world, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)  # the embedded MLflow store lands here
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path / 'mlflow.db'}")
+    first = train(tiny_world.params(tmp_path / "a", "train.mode=sicot"), track=True)
+    second = train(tiny_world.params(tmp_path / "b", "train.mode=sicot"), track=False)
+    history = json.loads(Path(first["history"]).read_text())
+    assert len(history) == 2 and metrics(history) == metrics(json.loads(Path(second["history"]).read_text()))
+    assert_same_weights(weights(first["model"]), weights(second["model"]))
+    assert {"loss", "visual_loss", "cotrain_loss", "train_top1", "val_top1", "lr"} <= history[0].keys()
+    assert history[1]["lr"] == pytest.approx(history[0]["lr"] * 0.8)
+
+    import mlflow
+
+    logged = mlflow.MlflowClient().get_run(first["run_id"])
+    assert logged.data.params["train.mode"] == "sicot" and logged.info.run_name == "train_sicot"
+    assert [m.step for m in mlflow.MlflowClient().get_metric_history(first["run_id"], "val_top1")] == [1, 2]
+
+
+def run_cli(params, *extra, **popen):
+    path = Path(params.paths.models).parent / "params.yaml"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(yaml.safe_dump(params.to_dict(), allow_unicode=True))
+    return subprocess.Popen([sys.executable, "-m", "components.train_model", "--params", str(path), "--no-track",
+                             *extra], cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, **popen)
+
+
+def test_resume_after_sigkill_ends_like_an_uninterrupted_run(tiny_world, tmp_path):
+    setup = ("train.mode=sicot", "train.epochs=5")
+    reference = train(tiny_world.params(tmp_path / "reference", *setup), track=False)
+
+    params = tiny_world.params(tmp_path / "killed", *setup)
+    checkpoint = Path(params.paths.models, "sicot", "checkpoint.pt")
+    proc = run_cli(params)
+    deadline = time.monotonic() + 300
+    while not checkpoint.exists() and proc.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.02)
+    proc.send_signal(signal.SIGKILL)
+    _, err = proc.communicate()
+    assert proc.returncode == -signal.SIGKILL, err.decode()[-2000:]
+    done = torch.load(checkpoint, weights_only=True)["epoch"]
+    assert 1 <= done < 5 and not Path(params.paths.models, "sicot", "model.pt").exists()
+
+    params.train.resume = True
+    resumed = train(params, track=False)
+    history = json.loads(Path(resumed["history"]).read_text())
+    assert metrics(history) == metrics(json.loads(Path(reference["history"]).read_text()))
+    assert_same_weights(weights(resumed["model"]), weights(reference["model"]))
+
+
+@pytest.fixture(scope="module")
+def trained_sicot(tiny_world, tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("trained")
+    out = train(tiny_world.params(tmp, "train.mode=sicot", "train.epochs=1"), track=False)
+    return tmp, out
+
+
+@pytest.mark.parametrize("override, named", [
+    ("train.backbone=resnet34", "backbone: checkpoint 'resnet18', now 'resnet34'"),
+    ("train.feature_dim=128", "feature_dim: checkpoint 512, now 128"),
+    ("train.text_encoder=mean", "text_encoder"),
+    ("train.image_size=24", "image_size"),
+])
+def test_resume_refuses_a_checkpoint_of_another_config(tiny_world, trained_sicot, override, named):
+    tmp, out = trained_sicot
+    before = {name: Path(out[name]).read_bytes() for name in ("checkpoint", "model", "history")}
+    params = tiny_world.params(tmp, "train.mode=sicot", "train.epochs=2", "train.resume=true", override)
+    with pytest.raises(TrainError, match="another configuration") as error:
+        train(params, track=False)
+    assert named in str(error.value)
+    assert before == {name: Path(out[name]).read_bytes() for name in before}  # nothing overwritten
+
+
+def test_checkpoint_of_other_classes_is_named(trained_sicot):
+    _, out = trained_sicot
+    expected = dict(torch.load(out["checkpoint"], weights_only=True)["fingerprint"], classes=7,
+                    classes_sha256="0" * 64)
+    with pytest.raises(TrainError, match="classes: checkpoint 6, now 7"):
+        load_checkpoint(out["checkpoint"], expected)
+
+
+def test_resume_without_checkpoint_says_so(tiny_world, tmp_path):
+    with pytest.raises(TrainError, match="no checkpoint at .*train without resume first"):
+        train(tiny_world.params(tmp_path, "train.mode=baseline", "train.resume=true"), track=False)
+    assert not Path(tmp_path, "models", "baseline", "model.pt").exists()
+
+
+def write_easy_world(root: Path, per_class: int = 16) -> None:
+    """Four visually distinct products (colour and shape) with noisy photos and titles, in the dataset
+    contract's format: small enough to learn in a few CPU epochs, so the test isolates the engine."""
+    import numpy as np
+    from PIL import Image, ImageDraw
+
+    products = [("红色 圆罐 可乐", (200, 30, 30), "ellipse"), ("蓝色 方盒 牛奶", (30, 60, 200), "rectangle"),
+                ("绿色 茶饮 瓶装", (30, 160, 60), "triangle"), ("黄色 薯片 袋装", (230, 200, 40), "ring")]
+    rng = np.random.default_rng(0)
+    (root / "images").mkdir(parents=True)
+    lines = {"train": [], "val": [], "test": [], "catalog": []}
+    for k, (title, colour, shape) in enumerate(products):
+        sku = f"SKU{k}"
+        for split, n in (("train", per_class), ("val", 3), ("test", 4), ("catalog", 1)):
+            for i in range(n):
+                background = tuple(int(c) for c in rng.integers(90, 170, 3))
+                img = Image.new("RGB", (32, 32), background)
+                draw = ImageDraw.Draw(img)
+                x, y, r = *rng.integers(9, 23, 2), int(rng.integers(6, 9))
+                fill = tuple(int(np.clip(c + rng.integers(-30, 30), 0, 255)) for c in colour)
+                if shape == "ellipse":
+                    draw.ellipse([x - r, y - r, x + r, y + r], fill=fill)
+                elif shape == "rectangle":
+                    draw.rectangle([x - r, y - r, x + r, y + r], fill=fill)
+                elif shape == "triangle":
+                    draw.polygon([(x, y - r), (x - r, y + r), (x + r, y + r)], fill=fill)
+                else:
+                    draw.ellipse([x - r, y - r, x + r, y + r], outline=fill, width=3)
+                name = f"images/{sku}_{split}_{i}.png"
+                img.save(root / name)
+                words = title.split() + ["包邮"] * int(rng.integers(0, 2))
+                lines[split].append(json.dumps({"image": name, "sku": sku, "title": " ".join(rng.permutation(words)),
+                                                "tags": []}, ensure_ascii=False))
+    for split, rows in lines.items():
+        (root / f"{split}.jsonl").write_text("\n".join(rows) + "\n", encoding="utf-8")
+
+
+def test_trained_models_beat_chance_by_a_wide_margin(tmp_path):
+    """Behaviour: a few epochs from scratch on a small world of 4 distinct products (chance = 1/4)."""
+    from components import prepare_data, train_word2vec
+    from sicot.config import load_params
+    from sicot.evaluate import evaluate_model_file
+
+    write_easy_world(tmp_path / "easy")
+    params = load_params(None, [f"data.source={tmp_path / 'easy'}", f"paths.prepared={tmp_path / 'prepared'}",
+                                f"paths.word2vec={tmp_path / 'w2v'}", f"paths.models={tmp_path / 'models'}",
+                                f"paths.reports={tmp_path / 'reports'}", "train.image_size=32", "train.epochs=5",
+                                "train.batch_size=8", "train.lr=0.01", "train.threads=1"])
+    prepare_data.run(params, track=False)
+    train_word2vec.run(params, track=False)
+    for mode in ("baseline", "sicot"):
+        params.train.mode = mode
+        out = train(params, track=False)
+        test = evaluate_model_file(out["model"], params, name=mode)
+        assert test["top1"] >= 0.75, (mode, test)
+
+
+@pytest.mark.slow
+def test_two_processes_with_a_sharded_classifier_resume_exactly(tiny_world, tmp_path):
+    """torchrun, 2 ranks on CPU (gloo), class-sharded classifier: a run stopped after epoch 1 and resumed
+    ends like an uninterrupted one (the sharded weight and its momentum come back from their own files)."""
+
+    def torchrun(name, *overrides):
+        params = tiny_world.params(tmp_path / name, "train.mode=sicot", "train.fc=sharded", *overrides)
+        path = tmp_path / f"{name}.yaml"
+        path.write_text(yaml.safe_dump(params.to_dict(), allow_unicode=True))
+        done = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
+                               "-m", "components.train_model", "--params", str(path), "--no-track"],
+                              cwd=REPO, capture_output=True, text=True, timeout=600)
+        assert done.returncode == 0, done.stderr[-3000:]
+        return Path(params.paths.models, "sicot")
+
+    full = torchrun("full", "train.epochs=2")
+    torchrun("split", "train.epochs=1")
+    split = torchrun("split", "train.epochs=2", "train.resume=true")
+    history = json.loads((split / "history.json").read_text())
+    assert metrics(history) == metrics(json.loads((full / "history.json").read_text()))
+    assert_same_weights(weights(str(split / "model.pt")), weights(str(full / "model.pt")))
+    assert sorted(p.name for p in split.glob("classifier-*")) == ["classifier-2"]  # older shards cleaned up
