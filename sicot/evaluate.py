@@ -168,7 +168,7 @@ def per_class_png(rows: list[dict], model: str, head_threshold: int) -> bytes:
     ax.set_xlabel("training images of the class (log)")
     ax.set_ylabel("test top-1 of the class")
     ax.set_title(f"{model}: per-class accuracy against training data")
-    ax.legend(loc="lower right")
+    ax.legend(loc="upper left")
     fig.tight_layout()
     buffer = io.BytesIO()
     fig.savefig(buffer, format="png")
