@@ -9,17 +9,30 @@ from __future__ import annotations
 from sicot.config import Params
 
 
-def run(params: Params, track: bool = True) -> dict:
-    from sicot.evaluate import evaluate_all  # lazy: torch and torchvision take seconds to import
+def run(params: Params, track: bool = True, model: str | None = None, compare: bool = False) -> dict:
+    """`model`: evaluate only that one (a DVC stage per model); `compare`: only rebuild the comparison
+    from the stored metrics of both models."""
+    from sicot import evaluate  # lazy: torch and torchvision take seconds to import
 
-    return evaluate_all(params, track=track)
+    if compare:
+        table = evaluate.write_comparison(params)
+        if table is None:
+            raise evaluate.EvaluationError("comparison needs reports/baseline/metrics.json and "
+                                           "reports/sicot/metrics.json: evaluate both models first")
+        return {"comparison": table}
+    return evaluate.evaluate_all(params, track=track, only=model)
+
+
+def _options(p) -> None:
+    p.add_argument("--no-track", dest="track", action="store_false", help="do not log to MLflow")
+    p.add_argument("--model", help="evaluate only this model (e.g. baseline or sicot)")
+    p.add_argument("--compare", action="store_true", help="only write reports/comparison.* from stored metrics")
 
 
 def main(argv: list[str] | None = None) -> None:
     from components.cli import main as cli_main
 
-    cli_main(run, __doc__.splitlines()[0], argv, extra=lambda p: p.add_argument(
-        "--no-track", dest="track", action="store_false", help="do not log to MLflow"))
+    cli_main(run, __doc__.splitlines()[0], argv, extra=_options)
 
 
 if __name__ == "__main__":

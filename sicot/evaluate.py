@@ -254,27 +254,42 @@ def attention_page(encoder_uri: str, records, samples: int) -> str | None:
     return attention_html(views) if views else None
 
 
-def evaluate_all(params: Params, track: bool = True) -> dict:
-    """Evaluate every trained model; returns {model: metrics} plus the comparison when both exist."""
+def evaluate_all(params: Params, track: bool = True, only: str | None = None) -> dict:
+    """Evaluate every trained model (or just `only`); returns {model: metrics} plus the comparison
+    when both the baseline and the co-trained model have been evaluated."""
     from sicot.data.manifest import load_manifest
     from sicot.train import pick_device
 
     names = trained_models(params.paths.models)
+    if only is not None:
+        names = [n for n in names if n == only]
     if not names:
-        raise EvaluationError(f"no trained model under {params.paths.models} (looked for */model.pt); "
-                              "run train_model first")
+        raise EvaluationError(f"no trained model{f' {only!r}' if only else ''} under {params.paths.models} "
+                              "(looked for */model.pt); run train_model first")
     manifest = load_manifest(params.paths.prepared, verify_images=False)
     device = pick_device(params.train.device)
     results = {name: report_model(name, params, manifest, device) for name in names}
     outputs = {"models": results, "reports": params.paths.reports}
-    if "baseline" in results and "sicot" in results:
-        table, markdown = comparison(results["baseline"], results["sicot"])
-        storage.write_text(storage.join(params.paths.reports, "comparison.json"), json.dumps(table, indent=2) + "\n")
-        storage.write_text(storage.join(params.paths.reports, "comparison.md"), markdown)
+    table = write_comparison(params) if only is None else None
+    if table is not None:
         outputs["comparison"] = table
     if track:
-        outputs["run_id"] = log_to_mlflow(params, results, outputs.get("comparison"))
+        outputs["run_id"] = log_to_mlflow(params, results, table)
     return outputs
+
+
+def write_comparison(params: Params) -> dict | None:
+    """reports/comparison.{json,md} from the stored metrics of both models; None unless both exist."""
+    stored = {}
+    for name in ("baseline", "sicot"):
+        uri = storage.join(params.paths.reports, name, "metrics.json")
+        if not storage.exists(uri):
+            return None
+        stored[name] = json.loads(storage.read_text(uri))
+    table, markdown = comparison(stored["baseline"], stored["sicot"])
+    storage.write_text(storage.join(params.paths.reports, "comparison.json"), json.dumps(table, indent=2) + "\n")
+    storage.write_text(storage.join(params.paths.reports, "comparison.md"), markdown)
+    return table
 
 
 def log_to_mlflow(params: Params, results: dict, table: dict | None) -> str:
