@@ -26,11 +26,12 @@ from prefect.futures import wait
 
 from components import evaluate_model, prepare_data, promote_model, train_word2vec
 from flows.publish import publish
+from flows.retries import io_retries
 from flows.train import launch
 from sicot.config import Params, load_params
 
 CACHED = {"cache_policy": INPUTS + TASK_SOURCE, "persist_result": True}
-IO_RETRIES = {"retries": 2, "retry_delay_seconds": 5}
+IO_RETRIES = io_retries(2, 5)
 
 
 @task(name="prepare_data", **CACHED, **IO_RETRIES)

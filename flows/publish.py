@@ -11,9 +11,10 @@ from prefect import flow, task, unmapped
 from prefect.futures import wait
 
 from components import publish_index
+from flows.retries import io_retries
 from sicot.config import load_params
 
-IO_RETRIES = {"retries": 2, "retry_delay_seconds": 10}
+IO_RETRIES = io_retries(2, 10)
 
 
 @task(name="build_index_shard", task_run_name="shard_{shard}", **IO_RETRIES)
