@@ -9,15 +9,15 @@ Evaluation sets (the demo world generator, two configurations of its titles):
 - `noisy`: title_noise 0.9: titles are mostly promotional noise.
 
 Procedure, with every choice made on the validation split and the test split only reported:
-1. Stage 1, one change at a time from the naive formulation, each with every seed on both sets: the
-   loss weight and its ramp-up, stopping gradients in the mixed branch, feature-scale matching before
-   the max, word and title dropout, the text encoders, training length, logit adjustment, and a
-   pretrained visual stream (a backbone trained on a disjoint product world, given as a local file).
+1. Screen, one change at a time from the naive formulation on both sets (`--screen-seeds`): the loss
+   weight, its ramp-up (epochs of visual warm-up), stopping gradients in the mixed branch (into v, or
+   into W), matching the scale of s to v before the max, word dropout and title dropout.
 2. Per axis, the value with the best mean validation top-1 (class-balanced, so tail-weighted) over
-   both sets is kept when it beats the naive value; `final` combines the kept values. Stage 2 trains
-   `final` and `final` + logit adjustment.
-3. Tables per set: mean ± std over seeds of overall/head/tail/many/medium/few top-1 and top-3, and the
-   paired (same seed) difference against the baseline with its spread.
+   both sets is kept when it beats the naive value; `final` combines the kept values.
+3. Tables (`--seeds`): baseline, baseline + logit adjustment, naive, final, final + logit adjustment,
+   mean ± std over seeds of overall/head/tail/many/medium/few top-1 and top-3, and the paired (same
+   seed) difference against the baseline with its spread. `--encoders` adds the text-encoder
+   ablation on the informative set.
 
 Results stream to `<workdir>/results.jsonl` (one line per run), so an interrupted study resumes and
 `--report` rebuilds the tables. Benchmarks measure, they assert nothing.
@@ -35,7 +35,6 @@ from multiprocessing import get_context
 from pathlib import Path
 
 SETS = {"informative": ["data.title_noise=0.3"], "noisy": ["data.title_noise=0.9"]}
-PRETRAIN_WORLD = ["data.seed=1000", "data.title_noise=0.3", "data.brands=10", "data.categories=6"]
 
 BASELINE = ["train.mode=baseline"]
 NAIVE = ["train.mode=sicot", "train.cotrain_weight=1.0", "train.text_encoder=bilinear"]
@@ -43,28 +42,22 @@ LA = ["train.logit_adjust_tau=1.0"]
 
 # axis -> {value name: overrides on top of NAIVE}; the naive value of every axis is "naive".
 AXES = {
-    "weight": {"lam0.5": ["train.cotrain_weight=0.5"], "lam2": ["train.cotrain_weight=2.0"]},
+    "weight": {"lam0.5": ["train.cotrain_weight=0.5"]},
     "rampup": {"ramp": ["train.cotrain_rampup=4"]},
     "stop_grad": {"sg_visual": ["train.cotrain_detach=visual"], "sg_classifier": ["train.cotrain_detach=classifier"]},
     "scale": {"match_norm": ["train.match_norm=true"]},
     "word_dropout": {"wdrop0.3": ["train.word_dropout=0.3"]},
     "title_dropout": {"tdrop0.5": ["train.title_dropout=0.5"]},
-    "encoder": {"enc_mean": ["train.text_encoder=mean"], "enc_bilstm": ["train.text_encoder=bilstm"],
-                "enc_bilstm_att": ["train.text_encoder=bilstm_attention"]},
 }
-# Compared against the baseline trained on the same budget, not selected automatically.
-EXTRA = {
-    "baseline_la": BASELINE + LA,
-    "naive_la": NAIVE + LA,
-}
+ENCODERS = {"enc_mean": ["train.text_encoder=mean"], "enc_bilstm": ["train.text_encoder=bilstm"],
+            "enc_bilstm_att": ["train.text_encoder=bilstm_attention"]}
+TABLE = {"baseline": BASELINE, "baseline_la": BASELINE + LA, "naive": NAIVE}
 
 
-def configs_stage1(epochs: int) -> dict[str, list[str]]:
-    out = {"baseline": BASELINE, "naive": NAIVE, **EXTRA}
+def screen_configs() -> dict[str, list[str]]:
+    out = dict(TABLE)
     for values in AXES.values():
         out.update({name: NAIVE + extra for name, extra in values.items()})
-    long = [f"train.epochs={2 * epochs}"]
-    out.update({"baseline_long": BASELINE + long, "naive_long": NAIVE + long})
     return out
 
 
@@ -76,7 +69,7 @@ def _params(workdir: Path, set_name: str, overrides: list[str]):
     root = workdir / set_name
     return load_params("params.yaml", [
         f"paths.raw={root / 'raw'}", f"paths.prepared={root / 'prepared'}", f"paths.word2vec={root / 'word2vec'}",
-        f"paths.reports={root / 'reports'}", *SETS.get(set_name, PRETRAIN_WORLD), *overrides])
+        f"paths.reports={root / 'reports'}", *SETS[set_name], *overrides])
 
 
 def prepare_set(workdir: Path, set_name: str, common: list[str]) -> None:
@@ -126,12 +119,8 @@ def run_one(job: dict) -> dict:
     row = {k: job[k] for k in ("set", "config", "seed", "overrides")}
     row.update(seconds=round(seconds, 1), val=split_metrics(recognizer, manifest, manifest.val, params, device),
                test=split_metrics(recognizer, manifest, manifest.test, params, device))
-    if job["config"] == "pretrain":
-        state = {k: v for k, v in recognizer.backbone.state_dict().items()}
-        torch.save(state, workdir / "pretrained_backbone.pt")
     for child in out.glob("*.pt"):  # keep the disk small: the study needs the numbers, not the models
-        if job["config"] != "pretrain":
-            child.unlink()
+        child.unlink()
     return row
 
 
@@ -188,7 +177,10 @@ def select_final(rows: list[dict]) -> tuple[list[str], list[str]]:
 def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--workdir", default=".bench/study")
-    p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
+    p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2], help="seeds of the reported tables")
+    p.add_argument("--screen-seeds", type=int, nargs="+", help="seeds of the one-change-at-a-time screen "
+                   "(default: --seeds)")
+    p.add_argument("--encoders", action="store_true", help="also the text-encoder ablation (informative set)")
     p.add_argument("--workers", type=int, default=max(1, (os.cpu_count() or 2) // 2))
     p.add_argument("--set", dest="common", action="append", default=[], metavar="SECTION.KEY=VALUE",
                    help="applies to every run (e.g. train.device=cuda)")
@@ -196,7 +188,7 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--report", metavar="RESULTS", help="print the tables of a stored results.jsonl and exit")
     p.add_argument("--prepare-only", action="store_true", help="build the evaluation sets and word vectors, then stop")
     p.add_argument("--deadline", type=float, default=float("inf"),
-                   help="seconds after which no run is started (stage 1 stops at 70%% of it)")
+                   help="seconds after which no run is started (the screen stops at 60%% of it)")
     args = p.parse_args(argv)
     if args.report:
         print(render(load_results(Path(args.report))))
@@ -209,10 +201,9 @@ def main(argv: list[str] | None = None) -> None:
                   "data.image_size=16", "train.image_size=16", "train.epochs=2", "word2vec.epochs=2", *common]
     from sicot.config import load_params
 
-    epochs = load_params("params.yaml", common).train.epochs
     threads = max(1, (os.cpu_count() or 2) // args.workers)
     results_path = workdir / "results.jsonl"
-    for set_name in [*SETS, "pretrain"]:
+    for set_name in SETS:
         prepare_set(workdir, set_name, common)
     if args.prepare_only:
         return
@@ -223,18 +214,16 @@ def main(argv: list[str] | None = None) -> None:
                  "common": common, "threads": threads}
                 for name, overrides in configs.items() for seed in seeds for s in sets]  # most important first
 
-    # The pretrained visual stream: a baseline trained on a disjoint world (other SKUs, brands, seed).
-    run_jobs(jobs(["pretrain"], {"pretrain": BASELINE + [f"train.epochs={2 * epochs}"]}, [0]), results_path, 1)
-    weights = f"train.backbone_weights={workdir / 'pretrained_backbone.pt'}"
-    stage1 = configs_stage1(epochs)
-    stage1.update({"baseline_pt": BASELINE + [weights], "naive_pt": NAIVE + [weights]})
-    rows = run_jobs(jobs(list(SETS), stage1, args.seeds), results_path, args.workers, start + 0.7 * args.deadline)
+    screen = jobs(list(SETS), screen_configs(), args.screen_seeds or args.seeds)
+    rows = run_jobs(screen, results_path, args.workers, start + 0.6 * args.deadline)
     kept, final = select_final([r for r in rows if r["set"] in SETS])
     print(f"kept on validation: {', '.join(kept) or 'nothing'}", file=sys.stderr)
-    stage2 = {"final": final, "final_la": final + LA, "baseline_pt_la": BASELINE + [weights] + LA,
-              "final_pt": final + [weights]}
-    rows = run_jobs(jobs(list(SETS), stage2, args.seeds), results_path, args.workers, start + args.deadline)
     (workdir / "final.json").write_text(json.dumps({"kept": kept, "overrides": final}, indent=2))
+    tables = jobs(list(SETS), {**TABLE, "final": final, "final_la": final + LA}, args.seeds)
+    if args.encoders:
+        tables += jobs(["informative"], {**{n: NAIVE + o for n, o in ENCODERS.items()},
+                                         **{f"final_{n}": final + o for n, o in ENCODERS.items()}}, args.seeds)
+    rows = run_jobs(tables, results_path, args.workers, start + args.deadline)
     print(render(rows))
 
 
@@ -259,7 +248,7 @@ def _ms(values: list[float]) -> str:
 def render(rows: list[dict], configs: tuple[str, ...] | None = None) -> str:
     """Markdown: per set, mean ± std (test) of every config, then paired gains against the baseline."""
     out = []
-    for set_name in sorted({r["set"] for r in rows} - {"pretrain"}):
+    for set_name in sorted({r["set"] for r in rows}):
         mine = [r for r in rows if r["set"] == set_name]
         names = [c for c in (configs or TABLE_CONFIGS) if any(r["config"] == c for r in mine)]
         if configs is None:
