@@ -119,6 +119,7 @@ class Serve:
     min_score: float = 0.2
     max_images: int = 64
     max_pixels: int = 16_000_000
+    min_similarity: float = 0.5
 
 
 CHOICES = {

@@ -319,6 +319,13 @@ class ProductIndex:
             raise KeyError(f"class {class_idx} has no SKU in index version {self.version}") from None
         return {k: row[k] for k in ("sku", "title", "tags", "image")}
 
+    def new_arrivals(self) -> "ProductIndex":
+        """The catalog SKUs the classifier has no class for (class_index -1), as an index of their own,
+        so that `nearest` on it retrieves new arrivals only."""
+        rows = [i for i, row in enumerate(self.skus) if row["class_index"] < 0]
+        return ProductIndex(version=self.version, manifest=self.manifest, skus=[self.skus[i] for i in rows],
+                            embeddings=self.embeddings[rows])
+
     def nearest(self, embeddings: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
         """Cosine scores and row numbers in `skus` of the `k` nearest SKUs for each query row."""
         queries = np.asarray(embeddings, dtype=np.float32)

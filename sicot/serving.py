@@ -1,12 +1,12 @@
 """The online recognition service: an MLflow pyfunc that maps query images to SKUs with product facts.
 
 Served by `mlflow models serve -m models:/sicot@champion --env-manager local`. Input: a binary column
-`image` (base64 in MLflow's `dataframe_split` / `inputs` JSON bodies). Output,
-one entry per image: `{"status": "ok" | "no_match" | "error", "matches": [{sku, score, title, tags,
-image}], "new_arrivals": [...], "index_version": ...}`. A bad image gets a per-image error instead of
-failing its neighbours; a request that is malformed as a whole (empty, too many images, no `image`
-column) is refused with MLflow's 400 response. Below `min_score` the answer is "no match" rather than a
-wrong product.
+`image` (base64 in MLflow's `dataframe_split` / `inputs` JSON bodies). Output, one entry per image:
+`{"status": "ok" | "no_match" | "error", "matches": [{sku, score, title, tags, image}], "new_arrivals":
+[...], "index_version": ...}`. A bad image gets a per-image error instead of failing its neighbours; a
+request that is malformed as a whole (empty, too many images, no `image` column, base64 MLflow cannot
+decode) is refused with a 400 response. Below `min_score` the answer is "no match" rather than a wrong
+product.
 
 New arrivals are catalog SKUs the classifier was never trained on (class_index -1 in the index). The
 classifier cannot name them, so every answer also lists the nearest of them by image-embedding cosine,

@@ -57,6 +57,14 @@ class Recognizer(nn.Module):
         """(probabilities, class indices) [B, k], best first."""
         return torch.softmax(self(images).float(), dim=-1).topk(min(k, len(self.classes)), dim=-1)
 
+    @torch.no_grad()
+    def topk_and_embed(self, images: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """`topk` and `embed` from one backbone pass: (probabilities, class indices, features)."""
+        features = self.backbone(images)
+        probs = torch.softmax((features @ self.weight.t()).float(), dim=-1)
+        scores, classes = probs.topk(min(k, len(self.classes)), dim=-1)
+        return scores, classes, F.normalize(features.float(), dim=-1)
+
     def save(self, uri: str) -> None:
         buffer = io.BytesIO()
         torch.save({"format": FORMAT, "arch": self.arch, "image_size": self.image_size,
