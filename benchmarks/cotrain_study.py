@@ -10,10 +10,12 @@ Evaluation sets (the demo world generator, two configurations of its titles):
 
 Procedure, with every choice made on the validation split and the test split only reported:
 1. Screen, one change at a time from the naive formulation on both sets (`--screen-seeds`): the loss
-   weight, its ramp-up (epochs of visual warm-up), stopping gradients in the mixed branch (into v, or
-   into W), matching the scale of s to v before the max, word dropout and title dropout.
+   weight and its ramp-up (epochs of visual warm-up). Stopping gradients in the mixed branch (into v,
+   or into W), matching the scale of s to v before the max, word dropout and title dropout were
+   screened too (commit 5bb4ac4 has them) and removed: none helped (docs/method.md).
 2. Per axis, the value with the best mean validation top-1 (class-balanced, so tail-weighted) over
-   both sets is kept when it beats the naive value; `final` combines the kept values.
+   both sets is kept when it brings co-training at least to the visual-only baseline; `final`
+   combines the kept values.
 3. Tables (`--seeds`): baseline, baseline + logit adjustment, naive, final, final + logit adjustment,
    mean ± std over seeds of overall/head/tail/many/medium/few top-1 and top-3, and the paired (same
    seed) difference against the baseline with its spread. `--encoders` adds the text-encoder
@@ -37,17 +39,13 @@ from pathlib import Path
 SETS = {"informative": ["data.title_noise=0.3"], "noisy": ["data.title_noise=0.9"]}
 
 BASELINE = ["train.mode=baseline"]
-NAIVE = ["train.mode=sicot", "train.cotrain_weight=1.0", "train.text_encoder=bilinear"]
+NAIVE = ["train.mode=sicot", "train.cotrain_weight=1.0", "train.cotrain_rampup=0", "train.text_encoder=bilinear"]
 LA = ["train.logit_adjust_tau=1.0"]
 
 # axis -> {value name: overrides on top of NAIVE}; the naive value of every axis is "naive".
 AXES = {
     "weight": {"lam0.5": ["train.cotrain_weight=0.5"]},
     "rampup": {"ramp": ["train.cotrain_rampup=4"]},
-    "stop_grad": {"sg_visual": ["train.cotrain_detach=visual"], "sg_classifier": ["train.cotrain_detach=classifier"]},
-    "scale": {"match_norm": ["train.match_norm=true"]},
-    "word_dropout": {"wdrop0.3": ["train.word_dropout=0.3"]},
-    "title_dropout": {"tdrop0.5": ["train.title_dropout=0.5"]},
 }
 ENCODERS = {"enc_mean": ["train.text_encoder=mean"], "enc_bilstm": ["train.text_encoder=bilstm"],
             "enc_bilstm_att": ["train.text_encoder=bilstm_attention"]}
@@ -161,14 +159,16 @@ def mean_val(rows: list[dict], config: str) -> float | None:
 
 
 def select_final(rows: list[dict]) -> tuple[list[str], list[str]]:
-    """Per axis the best value on validation (mean over sets and seeds), kept when it beats naive."""
-    naive = mean_val(rows, "naive")
+    """Per axis the best value on validation (mean over sets and seeds), kept when it lifts co-training
+    to at least the visual-only baseline: a change that leaves it below the baseline cures nothing,
+    however much better than the naive form it is."""
+    bar = max(mean_val(rows, "naive"), mean_val(rows, "baseline"))
     kept, overrides = [], list(NAIVE)
     for axis, values in AXES.items():
         scored = [(mean_val(rows, name), name) for name in values if mean_val(rows, name) is not None]
         if scored:
             best_score, best = max(scored)
-            if best_score > naive:
+            if best_score >= bar:
                 kept.append(best)
                 overrides += values[best]
     return kept, overrides

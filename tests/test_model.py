@@ -211,3 +211,28 @@ def test_recognizer_refuses_other_files(recognizer, tmp_path):
         Recognizer.load(str(tmp_path / "checkpoint.pt"))
     with pytest.raises(RecognizerError, match="not found"):
         Recognizer.load(str(tmp_path / "none.pt"))
+
+
+def test_cotrain_weight_ramps_up_from_zero():
+    from sicot.model.sicot import CoTraining
+
+    ramp = CoTraining(weight=2.0, rampup=4)
+    assert [ramp.weight_at(e) for e in range(6)] == [0.0, 0.5, 1.0, 1.5, 2.0, 2.0]
+    assert [CoTraining(weight=1.0, rampup=0).weight_at(e) for e in range(3)] == [1.0, 1.0, 1.0]
+
+
+def test_mixed_loss_has_no_weight_before_the_ramp_starts():
+    from sicot.model.sicot import CoTraining
+
+    torch.manual_seed(0)
+    model = SICoT(nn.Sequential(nn.Flatten(), nn.Linear(12, 4), nn.ReLU()), 4, ReplicatedClassifier(4, 3),
+                  text_encoders.create_text_encoder("mean", np.random.rand(6, 5).astype("float32"), 4),
+                  cotraining=CoTraining(weight=1.0, rampup=2))
+    images, labels = torch.randn(2, 3, 2, 2), torch.tensor([0, 2])
+    tokens = torch.tensor([[2, 3], [4, 0]])
+    model.start_epoch(0)
+    loss, parts = model.training_loss(images, labels, tokens)
+    assert torch.allclose(loss, parts["visual"])
+    model.start_epoch(1)
+    loss, parts = model.training_loss(images, labels, tokens)
+    assert torch.allclose(loss, parts["visual"] + 0.5 * parts["cotrain"])

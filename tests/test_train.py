@@ -164,7 +164,8 @@ def test_trained_models_beat_chance_by_a_wide_margin(tmp_path):
     params = load_params(None, [f"data.source={tmp_path / 'easy'}", f"paths.prepared={tmp_path / 'prepared'}",
                                 f"paths.word2vec={tmp_path / 'w2v'}", f"paths.models={tmp_path / 'models'}",
                                 f"paths.reports={tmp_path / 'reports'}", "train.image_size=32", "train.epochs=5",
-                                "train.batch_size=8", "train.lr=0.01", "train.threads=1"])
+                                "train.batch_size=8", "train.lr=0.01", "train.threads=1",
+                                "train.cotrain_rampup=2"])  # the ramp scaled to this short schedule
     prepare_data.run(params, track=False)
     train_word2vec.run(params, track=False)
     for mode in ("baseline", "sicot"):
