@@ -57,13 +57,10 @@ class Recognition:
 
     def __init__(self, model_path: str, index_root: str | None, top_k: int = 3, min_score: float = 0.2,
                  max_images: int = 64, max_pixels: int = 16_000_000, min_similarity: float = 0.5):
-        import torch
-
         from sicot import index
         from sicot.model.recognizer import Recognizer
 
-        torch.set_grad_enabled(False)
-        self.model = Recognizer.load(model_path)
+        self.model = Recognizer.load(model_path)  # its topk/embed run without autograd
         self.top_k, self.min_score, self.min_similarity = top_k, min_score, min_similarity
         self.max_images, self.max_pixels = max_images, max_pixels
         self.index = None
