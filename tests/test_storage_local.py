@@ -17,17 +17,6 @@ def test_write_read_list_delete(tmp_path):
     assert list(tmp_path.rglob("*.tmp")) == []
 
 
-def test_swap_is_compare_and_swap(tmp_path):
-    uri = str(tmp_path / "CURRENT")
-    assert storage.swap(uri, b"v1", expected=None)
-    assert not storage.swap(uri, b"v2", expected=None)
-    data, token = storage.read_versioned(uri)
-    assert data == b"v1"
-    assert storage.swap(uri, b"v2", expected=token)
-    assert not storage.swap(uri, b"v3", expected=token)
-    assert storage.read_bytes(uri) == b"v2"
-
-
 def test_swap_race_has_one_winner(tmp_path):
     uri = str(tmp_path / "CURRENT")
     wins = []

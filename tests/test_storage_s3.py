@@ -31,8 +31,13 @@ def test_list_does_not_match_sibling_prefixes(s3_bucket):
     assert storage.read_text(f"{s3_bucket}/v10/a") == "10"
 
 
-def test_swap_is_compare_and_swap(s3_bucket):
-    uri = f"{s3_bucket}/index/CURRENT"
+@pytest.fixture(params=["local", "s3"])
+def root(request, tmp_path):
+    return str(tmp_path) if request.param == "local" else request.getfixturevalue("s3_bucket")
+
+
+def test_swap_is_compare_and_swap(root):
+    uri = storage.join(root, "index", "CURRENT")
     assert storage.read_versioned(uri) == (None, None)
     assert storage.swap(uri, b"v1", expected=None)
     assert not storage.swap(uri, b"v2", expected=None)
