@@ -66,10 +66,6 @@ class Train:
     max_title_len: int = 32
     cotrain_weight: float = 1.0
     cotrain_rampup: int = 4
-    cotrain_detach: str = "none"
-    match_norm: bool = False
-    word_dropout: float = 0.0
-    title_dropout: float = 0.0
     logit_adjust_tau: float = 0.0
     epochs: int = 12
     batch_size: int = 64
@@ -129,7 +125,6 @@ CHOICES = {
     "promote.candidate": ("baseline", "sicot"),
     "train.device": ("auto", "cpu", "cuda"),
     "train.fc": ("auto", "sharded", "replicated"),
-    "train.cotrain_detach": ("none", "visual", "classifier"),
 }
 
 

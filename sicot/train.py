@@ -152,8 +152,7 @@ def build_model(params: Params, num_classes: int, vocab, group) -> SICoT:
     backbone, dim = create_backbone(t.backbone, t.backbone_weights, out_dim=t.feature_dim)
     encoder = create_text_encoder(t.text_encoder, vocab.embeddings, dim) if t.mode == "sicot" else None
     classifier = make_classifier(params, dim, num_classes, group)
-    cotraining = CoTraining(weight=t.cotrain_weight, rampup=t.cotrain_rampup, detach=t.cotrain_detach,
-                            match_norm=t.match_norm, word_dropout=t.word_dropout, title_dropout=t.title_dropout)
+    cotraining = CoTraining(weight=t.cotrain_weight, rampup=t.cotrain_rampup)
     return SICoT(backbone, dim, classifier, encoder, cotraining=cotraining)
 
 

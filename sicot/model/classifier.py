@@ -36,15 +36,14 @@ class ReplicatedClassifier(nn.Module):
         return features @ self.weight.t()
 
     def loss(self, features: torch.Tensor, labels: torch.Tensor, mask: torch.Tensor | None = None,
-             log_prior: torch.Tensor | None = None, tau: float = 0.0, detach_weight: bool = False) -> torch.Tensor:
+             log_prior: torch.Tensor | None = None, tau: float = 0.0) -> torch.Tensor:
         """Mean cross-entropy over rows where `mask` is True (all rows when None).
 
         Logit adjustment (Menon et al., 2021): tau * log class prior is added to the logits inside the
         loss only, so the head classes' easy margin is taken away in training while prediction
-        (`logits`, `topk`) stays plain. `detach_weight`: this loss trains the features only, not W.
+        (`logits`, `topk`) stays plain.
         """
-        weight = self.weight.detach() if detach_weight else self.weight
-        logits = (features @ weight.t()).float()
+        logits = self.logits(features).float()
         if tau and log_prior is not None:
             logits = logits + tau * log_prior.to(logits)
         return masked_cross_entropy(logits, labels, mask)

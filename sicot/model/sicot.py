@@ -15,7 +15,6 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from sicot.text.word2vec import PAD
@@ -32,10 +31,6 @@ class CoTraining:
     """
     weight: float = 1.0
     rampup: int = 0
-    detach: str = "none"        # what the mixed loss may not update: none | visual (v) | classifier (W)
-    match_norm: bool = False    # rescale s to the norm of v before the max
-    word_dropout: float = 0.0   # share of title words hidden from the text encoder in training
-    title_dropout: float = 0.0  # share of titles hidden entirely (their samples keep the visual loss)
 
     def weight_at(self, epoch: int) -> float:
         return self.weight * min(1.0, epoch / self.rampup) if self.rampup > 0 else self.weight
@@ -76,13 +71,6 @@ class SICoT(nn.Module):
     def start_epoch(self, epoch: int) -> None:
         self.cotrain_weight = self.cotraining.weight_at(epoch)
 
-    def _hide_words(self, tokens: torch.Tensor) -> torch.Tensor:
-        c = self.cotraining
-        if not self.training or tokens is None or c.word_dropout <= 0:
-            return tokens
-        keep = torch.rand(tokens.shape, device=tokens.device) >= c.word_dropout
-        return torch.where(keep, tokens, torch.full_like(tokens, PAD))
-
     @property
     def backbone(self) -> nn.Module:
         return self.streams.backbone
@@ -95,7 +83,6 @@ class SICoT(nn.Module):
         """(loss, parts) for one batch; parts holds the detached loss terms and visual features
         ("features", for training accuracy). `streams` runs the encoders in place of `self.streams`
         when given: the data-parallel wrapper of the same module."""
-        tokens = self._hide_words(tokens)
         v, s = (self.streams if streams is None else streams)(images, tokens)
         visual = self.classifier.loss(v, labels, log_prior=log_prior, tau=tau)
         parts = {"visual": visual.detach(), "features": v.detach()}
@@ -104,15 +91,7 @@ class SICoT(nn.Module):
         # A product with an empty title has no side information: max(v, s) would then be v mixed with
         # the projection of nothing, a feature that says nothing about the product. Such samples keep
         # the visual loss and are left out of the mixed term (its mean runs over titled samples only).
-        c = self.cotraining
         has_title = (tokens != PAD).any(dim=1)
-        if self.training and c.title_dropout > 0:
-            has_title &= torch.rand(has_title.shape, device=has_title.device) >= c.title_dropout
-        if c.detach == "visual":
-            v = v.detach()
-        if c.match_norm:
-            s = F.normalize(s, dim=-1) * v.norm(dim=-1, keepdim=True).detach()
-        cotrain = self.classifier.loss(fuse(v, s), labels, mask=has_title, log_prior=log_prior, tau=tau,
-                                       detach_weight=c.detach == "classifier")
+        cotrain = self.classifier.loss(fuse(v, s), labels, mask=has_title, log_prior=log_prior, tau=tau)
         parts["cotrain"] = cotrain.detach()
         return visual + self.cotrain_weight * cotrain, parts

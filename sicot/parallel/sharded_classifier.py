@@ -110,10 +110,10 @@ class ShardedClassifier(nn.Module):
         return self.loss(features, labels, mask, log_prior, tau)
 
     def loss(self, features: torch.Tensor, labels: torch.Tensor, mask: torch.Tensor | None = None,
-             log_prior: torch.Tensor | None = None, tau: float = 0.0, detach_weight: bool = False) -> torch.Tensor:
+             log_prior: torch.Tensor | None = None, tau: float = 0.0) -> torch.Tensor:
         """Mean cross-entropy over the global batch's rows where `mask` is true (every rank gets the
         same value). `tau * log_prior[class]` is added to the logits (logit adjustment). No row left
-        anywhere gives 0 with zero gradients. `detach_weight`: the loss trains the features, not W."""
+        anywhere gives 0 with zero gradients."""
         self._check_features(features)
         if labels.shape != features.shape[:1]:
             raise ValueError(f"labels must have shape [{features.shape[0]}], got {list(labels.shape)}")
@@ -136,7 +136,7 @@ class ShardedClassifier(nn.Module):
         lo, hi = self.class_range
         owned = (labels >= lo) & (labels < hi)
         local = torch.where(owned, labels - lo, -1)
-        weight = self.weight.detach() if detach_weight else self.weight
+        weight = self.weight
         cols = self._sample_columns(labels[owned] - lo) if self.training else None
         if cols is not None:
             remap = torch.full((hi - lo,), -1, dtype=torch.int64, device=device)
