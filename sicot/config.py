@@ -64,7 +64,7 @@ class Train:
     feature_dim: int = 512
     text_encoder: str = "bilinear"
     max_title_len: int = 32
-    cotrain_weight: float = 1.0
+    cotrain_weight: float = 2.0
     cotrain_rampup: int = 4
     logit_adjust_tau: float = 0.0
     epochs: int = 12

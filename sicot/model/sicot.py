@@ -24,10 +24,10 @@ from sicot.text.word2vec import PAD
 class CoTraining:
     """The weight λ of CE(W·mixed) over training (`train.cotrain_weight`, `train.cotrain_rampup`).
 
-    λ is 0 in the first epoch and grows linearly to `weight` over `rampup` epochs. From a random
-    backbone the title stream, whose word vectors already separate products, would otherwise capture
-    the shared classifier before the visual stream learns anything (docs/method.md): the naive form,
-    rampup 0, collapses to a few percent top-1 on the demo world.
+    λ is 0 in the first epoch and grows linearly to `weight` over `rampup` epochs. The title stream,
+    whose word vectors already separate products, would otherwise capture the shared classifier before
+    the visual stream has learned the products (docs/method.md): the naive form, rampup 0, loses to the
+    visual-only baseline from a pretrained backbone and collapses from a random one.
     """
     weight: float = 1.0
     rampup: int = 0
