@@ -166,7 +166,7 @@ def run_one(job: dict) -> dict:
     row = {k: job[k] for k in ("set", "config", "seed", "overrides")}
     row.update(seconds=round(seconds, 1), val=split_metrics(recognizer, manifest, manifest.val, params, device),
                test=split_metrics(recognizer, manifest, manifest.test, params, device))
-    for child in out.glob("*.pt"):  # keep the disk small: the study needs the numbers, not the models
+    for child in out.rglob("*.pt"):  # keep the disk small: the study needs the numbers, not the models
         child.unlink()
     return row
 
