@@ -1,6 +1,8 @@
 """When does co-training lift the tail? A seeded study of the SICoT formulation on two evaluation sets.
 
-    python -m benchmarks.cotrain_study                      # the full study (GPU: minutes; 2 CPU cores: hours)
+    python -m benchmarks.cotrain_study --pretrained --workdir .bench/study-pre   # the paper's setting
+    python -m benchmarks.cotrain_study --workdir .bench/study2 --final .bench/study-pre/final.json   # its pick, from scratch
+    python -m benchmarks.cotrain_study                      # the full study from scratch (GPU: minutes; 2 CPU cores: hours)
     python -m benchmarks.cotrain_study --quick              # a smoke run of the whole procedure
     python -m benchmarks.cotrain_study --report .bench/study/results.jsonl   # tables from stored results
 
@@ -224,6 +226,24 @@ def select(rows: list[dict], axes: dict, base: list[str], bar: float) -> tuple[l
     return kept, overrides
 
 
+def screen(args, jobs, results_path: Path, workdir: Path, start: float) -> list[str]:
+    """Stages 1 and 2 on validation; returns the overrides of `final` (also written to final.json)."""
+    seeds = args.screen_seeds or args.seeds
+    rows = run_jobs(jobs(list(SETS), screen_configs(), seeds), results_path, args.workers, start + 0.3 * args.deadline)
+    # Stage 1 keeps a change only when it brings co-training at least to the visual-only baseline: one
+    # that leaves it below cures nothing, however much better than the naive form it is.
+    kept, stage1 = select(rows, AXES, NAIVE, max(mean_val(rows, "naive"), mean_val(rows, "baseline")) - 1e-9)
+    base_name = kept[0] if len(kept) == 1 else "stage1"  # a single kept change was screened already
+    refine = {name: stage1 + extra for values in REFINE.values() for name, extra in values.items()}
+    rows = run_jobs(jobs(list(SETS), {base_name: stage1, **refine}, seeds), results_path, args.workers,
+                    start + 0.6 * args.deadline)
+    refined, final = select(rows, REFINE, stage1, mean_val(rows, base_name))
+    kept += refined
+    print(f"kept on validation: {', '.join(kept) or 'nothing'}", file=sys.stderr)
+    (workdir / "final.json").write_text(json.dumps({"kept": kept, "overrides": final}, indent=2))
+    return final
+
+
 def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--workdir", default=".bench/study")
@@ -231,6 +251,8 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--screen-seeds", type=int, nargs="+", help="seeds of the one-change-at-a-time screen "
                    "(default: --seeds)")
     p.add_argument("--encoders", action="store_true", help="also the text-encoder ablation (informative set)")
+    p.add_argument("--final", metavar="FINAL_JSON", help="skip the screens and tabulate the `final` of another "
+                   "study (its final.json): the pretrained study's pick, trained from scratch")
     p.add_argument("--longer", action="store_true", help="also baseline and final trained twice as long")
     p.add_argument("--workers", type=int, default=max(1, (os.cpu_count() or 2) // 2))
     p.add_argument("--set", dest="common", action="append", default=[], metavar="SECTION.KEY=VALUE",
@@ -270,19 +292,10 @@ def main(argv: list[str] | None = None) -> None:
                  "common": common, "threads": threads}
                 for name, overrides in configs.items() for seed in seeds for s in sets]  # most important first
 
-    seeds = args.screen_seeds or args.seeds
-    rows = run_jobs(jobs(list(SETS), screen_configs(), seeds), results_path, args.workers, start + 0.3 * args.deadline)
-    # Stage 1 keeps a change only when it brings co-training at least to the visual-only baseline: one
-    # that leaves it below cures nothing, however much better than the naive form it is.
-    kept, stage1 = select(rows, AXES, NAIVE, max(mean_val(rows, "naive"), mean_val(rows, "baseline")) - 1e-9)
-    base_name = kept[0] if len(kept) == 1 else "stage1"  # a single kept change was screened already
-    refine = {name: stage1 + extra for values in REFINE.values() for name, extra in values.items()}
-    rows = run_jobs(jobs(list(SETS), {base_name: stage1, **refine}, seeds), results_path, args.workers,
-                    start + 0.6 * args.deadline)
-    refined, final = select(rows, REFINE, stage1, mean_val(rows, base_name))
-    kept += refined
-    print(f"kept on validation: {', '.join(kept) or 'nothing'}", file=sys.stderr)
-    (workdir / "final.json").write_text(json.dumps({"kept": kept, "overrides": final}, indent=2))
+    if args.final:
+        final = json.loads(Path(args.final).read_text())["overrides"]
+    else:
+        final = screen(args, jobs, results_path, workdir, start)
     tables = jobs(list(SETS), {**TABLE, "final": final, "final_la": final + LA}, args.seeds)
     if args.encoders:
         tables += jobs(["informative"], {f"final_{n}": final + o for n, o in ENCODERS.items()}, args.seeds)
