@@ -6,12 +6,13 @@ import json
 import sys
 from typing import Any, Callable
 
-from sicot.config import ConfigError, Params, load_params
+from sicot.config import ConfigError, Params, load_params, local_params_file
 
 
 def parser(description: str) -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=description)
-    p.add_argument("--params", default="params.yaml", help="params file (default: params.yaml)")
+    p.add_argument("--params", help="params file; must exist when given (default: ./params.yaml if present, "
+                                     "else the built-in defaults)")
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="SECTION.KEY=VALUE",
                    help="override one parameter; repeatable, e.g. --set train.mode=baseline")
     return p
@@ -25,7 +26,7 @@ def main(run: Callable[..., Any], description: str, argv: list[str] | None = Non
         extra(p)
     args = vars(p.parse_args(argv))
     try:
-        params: Params = load_params(args.pop("params"), args.pop("overrides"))
+        params: Params = load_params(args.pop("params") or local_params_file(), args.pop("overrides"))
     except ConfigError as exc:
         p.error(str(exc))
     outputs = run(params, **args)

@@ -6,15 +6,22 @@ in a key or a value of the wrong type fails at load time with the dotted name, n
 from __future__ import annotations
 
 import dataclasses
+import math
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterable
+from typing import Any, Iterable, Mapping
 
 import yaml
 
 
 class ConfigError(ValueError):
     """A params file or override that does not match the schema."""
+
+
+def opt(default: Any, *, ge: float | None = None, gt: float | None = None, le: float | None = None,
+        choices: tuple[str, ...] | None = None):
+    """A params field with its bounds: `ge`/`le` inclusive, `gt` exclusive, or a fixed set of `choices`."""
+    return field(default=default, metadata={"ge": ge, "gt": gt, "le": le, "choices": choices})
 
 
 @dataclass
@@ -30,102 +37,98 @@ class Paths:
 @dataclass
 class Data:
     source: str = "synthetic"
-    on_bad_record: str = "error"
-    seed: int = 0
-    skus: int = 120
-    brands: int = 12
-    categories: int = 8
-    max_images: int = 100
-    imbalance: float = 100.0
-    profile: str = "exponential"
-    val_per_class: int = 3
-    test_per_class: int = 5
-    image_size: int = 64
-    title_noise: float = 0.3
-    empty_title_rate: float = 0.05
-    holdout_skus: int = 0
+    image_prefixes: str = ""
+    on_bad_record: str = opt("error", choices=("error", "skip"))
+    seed: int = opt(0, ge=0)
+    skus: int = opt(120, ge=2)
+    brands: int = opt(12, ge=1)
+    categories: int = opt(8, ge=1)
+    max_images: int = opt(100, ge=1)
+    imbalance: float = opt(100.0, ge=1.0)
+    profile: str = opt("exponential", choices=("exponential", "zipf"))
+    val_per_class: int = opt(3, ge=0)
+    test_per_class: int = opt(5, ge=1)
+    image_size: int = opt(64, ge=8, le=4096)
+    title_noise: float = opt(0.3, ge=0.0, le=1.0)
+    empty_title_rate: float = opt(0.05, ge=0.0, le=1.0)
+    holdout_skus: int = opt(0, ge=0)
 
 
 @dataclass
 class Word2Vec:
-    size: int = 64
-    window: int = 5
-    min_count: int = 1
-    epochs: int = 20
-    seed: int = 0
+    size: int = opt(64, ge=1, le=4096)
+    window: int = opt(5, ge=1)
+    min_count: int = opt(1, ge=1)
+    epochs: int = opt(20, ge=1)
+    seed: int = opt(0, ge=0)
 
 
 @dataclass
 class Train:
-    mode: str = "sicot"
+    mode: str = opt("sicot", choices=("baseline", "sicot"))
     backbone: str = "resnet18"
     backbone_weights: str = ""
-    image_size: int = 64
-    feature_dim: int = 512
+    image_size: int = opt(64, ge=8, le=4096)
+    feature_dim: int = opt(512, ge=1)
     text_encoder: str = "bilinear"
-    max_title_len: int = 32
-    cotrain_weight: float = 2.0
-    cotrain_rampup: int = 4
-    logit_adjust_tau: float = 0.0
-    epochs: int = 12
-    batch_size: int = 64
-    lr: float = 0.1
-    momentum: float = 0.9
-    weight_decay: float = 5e-4
-    lr_gamma: float = 0.8
-    seed: int = 0
-    device: str = "auto"
+    max_title_len: int = opt(32, ge=1)
+    cotrain_weight: float = opt(2.0, ge=0.0)
+    cotrain_rampup: int = opt(4, ge=0)
+    logit_adjust_tau: float = opt(0.0, ge=0.0)
+    epochs: int = opt(12, ge=1)
+    batch_size: int = opt(64, ge=1)
+    lr: float = opt(0.1, gt=0.0)
+    momentum: float = opt(0.9, ge=0.0, le=1.0)
+    weight_decay: float = opt(5e-4, ge=0.0)
+    lr_gamma: float = opt(0.8, gt=0.0, le=1.0)
+    seed: int = opt(0, ge=0)
+    device: str = opt("auto", choices=("auto", "cpu", "cuda"))
     amp: bool = True
     compile: bool = False
-    workers: int = 0
-    threads: int = 0
-    nproc: int = 1
-    fc: str = "auto"
-    fc_chunk_rows: int = 0
-    fc_sample_rate: float = 1.0
+    workers: int = opt(0, ge=0)
+    threads: int = opt(0, ge=0)
+    nproc: int = opt(1, ge=1)
+    fc: str = opt("auto", choices=("auto", "sharded", "replicated"))
+    fc_chunk_rows: int = opt(0, ge=0)
+    fc_sample_rate: float = opt(1.0, gt=0.0, le=1.0)
     resume: bool = False
 
 
 @dataclass
 class Evaluate:
-    head_threshold: int = 20
-    batch_size: int = 256
-    attention_samples: int = 20
+    head_threshold: int = opt(20, ge=1)
+    batch_size: int = opt(256, ge=1)
+    attention_samples: int = opt(20, ge=0)
 
 
 @dataclass
 class Promote:
     model_name: str = "sicot"
-    candidate: str = "sicot"
-    max_tail_drop: float = 0.02
+    candidate: str = opt("sicot", choices=("baseline", "sicot"))
+    max_tail_drop: float = opt(0.02, ge=0.0, le=1.0)
 
 
 @dataclass
 class Publish:
-    shards: int = 2
-    shard: int = -1
+    shards: int = opt(2, ge=1)
+    shard: int = opt(-1, ge=-1)
     model_version: str = ""
-    keep_versions: int = 3
-    batch_size: int = 128
+    keep_versions: int = opt(3, ge=1)
+    gc_grace_hours: float = opt(24.0, ge=0.0)
+    batch_size: int = opt(128, ge=1)
 
 
 @dataclass
 class Serve:
-    top_k: int = 3
-    min_score: float = 0.2
-    max_images: int = 64
-    max_pixels: int = 16_000_000
-    min_similarity: float = 0.5
-
-
-CHOICES = {
-    "data.on_bad_record": ("error", "skip"),
-    "data.profile": ("exponential", "zipf"),
-    "train.mode": ("baseline", "sicot"),
-    "promote.candidate": ("baseline", "sicot"),
-    "train.device": ("auto", "cpu", "cuda"),
-    "train.fc": ("auto", "sharded", "replicated"),
-}
+    top_k: int = opt(3, ge=1)
+    min_score: float = opt(0.2, ge=0.0, le=1.0)
+    max_images: int = opt(64, ge=1)
+    max_pixels: int = opt(16_000_000, ge=1)
+    min_similarity: float = opt(0.5, ge=-1.0, le=1.0)
+    max_request_pixels: int = opt(64_000_000, ge=1)
+    max_request_bytes: int = opt(32 * 1024 * 1024, ge=1)
+    max_decodes: int = opt(2, ge=1)
+    formats: str = "JPEG,PNG,WEBP"
 
 
 @dataclass
@@ -149,6 +152,7 @@ class Params:
         for section, values in sections.items():
             for key, value in values.items():
                 _apply(params, section, key, value)
+        _check_together(params)
         return params
 
     def flat(self, *sections: str) -> dict[str, Any]:
@@ -165,6 +169,11 @@ def _coerce(dotted: str, value: Any, kind: type) -> Any:
         if isinstance(value, bool):
             return value
         raise ConfigError(f"{dotted}: expected true/false, got {value!r}")
+    if kind is float and isinstance(value, str):
+        try:  # YAML 1.1 reads `1e-3` (no dot) as a string
+            value = float(value)
+        except ValueError:
+            raise ConfigError(f"{dotted}: expected float, got {value!r}") from None
     if kind is float and isinstance(value, int) and not isinstance(value, bool):
         return float(value)
     if kind is str and value is None:
@@ -173,7 +182,19 @@ def _coerce(dotted: str, value: Any, kind: type) -> Any:
         return str(value)  # `--set publish.model_version=3` means the string "3"
     if not isinstance(value, kind) or isinstance(value, bool) and kind is not bool:
         raise ConfigError(f"{dotted}: expected {kind.__name__}, got {value!r}")
+    if kind is float and not math.isfinite(value):
+        raise ConfigError(f"{dotted}: expected a finite number, got {value!r}")
     return value
+
+
+def _check_bounds(dotted: str, value: Any, rules: Mapping[str, Any]) -> None:
+    if rules.get("choices") and value not in rules["choices"]:
+        raise ConfigError(f"{dotted}: {value!r} is not one of {', '.join(rules['choices'])}")
+    for rule, ok, words in (("ge", lambda v, b: v >= b, ">="), ("gt", lambda v, b: v > b, ">"),
+                            ("le", lambda v, b: v <= b, "<=")):
+        bound = rules.get(rule)
+        if bound is not None and not ok(value, bound):
+            raise ConfigError(f"{dotted}: {value!r} is out of range; it must be {words} {bound}")
 
 
 def _apply(params: Params, section: str, key: str, value: Any) -> None:
@@ -181,14 +202,20 @@ def _apply(params: Params, section: str, key: str, value: Any) -> None:
     if section not in {f.name for f in dataclasses.fields(Params)}:
         raise ConfigError(f"{dotted}: unknown section {section!r}")
     target = getattr(params, section)
-    types = {f.name: f.type for f in dataclasses.fields(target)}
-    if key not in types:
-        raise ConfigError(f"{dotted}: unknown key (known: {', '.join(sorted(types))})")
-    kind = {"int": int, "float": float, "str": str, "bool": bool}[types[key]]
+    fields = {f.name: f for f in dataclasses.fields(target)}
+    if key not in fields:
+        raise ConfigError(f"{dotted}: unknown key (known: {', '.join(sorted(fields))})")
+    kind = {"int": int, "float": float, "str": str, "bool": bool}[fields[key].type]
     value = _coerce(dotted, value, kind)
-    if dotted in CHOICES and value not in CHOICES[dotted]:
-        raise ConfigError(f"{dotted}: {value!r} is not one of {', '.join(CHOICES[dotted])}")
+    _check_bounds(dotted, value, fields[key].metadata)
     setattr(target, key, value)
+
+
+def _check_together(params: Params) -> None:
+    """Rules that tie two keys together."""
+    if params.publish.shard >= params.publish.shards:
+        raise ConfigError(f"publish.shard: {params.publish.shard} is out of range; "
+                          f"it must be -1 or below publish.shards ({params.publish.shards})")
 
 
 def parse_override(text: str) -> tuple[str, str, Any]:
@@ -204,10 +231,12 @@ def parse_override(text: str) -> tuple[str, str, Any]:
     return section, key, value
 
 
-def load_params(path: str | Path | None = "params.yaml", overrides: Iterable[str] = ()) -> Params:
-    """Defaults, then the file (if given and present), then the overrides, each validated."""
+def load_params(path: str | Path | None = None, overrides: Iterable[str] = ()) -> Params:
+    """Defaults, then the file (when given: it must exist), then the overrides, each validated."""
     params = Params()
-    if path is not None and Path(path).exists():
+    if path is not None:
+        if not Path(path).is_file():
+            raise ConfigError(f"{path}: params file not found")
         try:
             raw = yaml.safe_load(Path(path).read_text(encoding="utf-8")) or {}
         except yaml.YAMLError as exc:
@@ -218,9 +247,17 @@ def load_params(path: str | Path | None = "params.yaml", overrides: Iterable[str
             if not isinstance(values, dict):
                 raise ConfigError(f"{path}: section {section!r} must be a mapping")
             for key, value in values.items():
-                _apply(params, section, key, value)
-    elif path is not None and Path(path).name != "params.yaml":
-        raise ConfigError(f"{path}: params file not found")
+                try:
+                    _apply(params, section, key, value)
+                except ConfigError as exc:
+                    raise ConfigError(f"{path}: {exc}") from None
     for text in overrides:
         _apply(params, *parse_override(text))
+    _check_together(params)
     return params
+
+
+def local_params_file() -> str | None:
+    """`params.yaml` in the working directory when there is one: what a step reads unless told otherwise
+    (a step also runs from an empty directory, on the defaults)."""
+    return "params.yaml" if Path("params.yaml").is_file() else None
