@@ -10,6 +10,7 @@ from __future__ import annotations
 import contextlib
 import fcntl
 import functools
+import glob
 import hashlib
 import os
 import shutil
@@ -38,6 +39,10 @@ def _split(uri: str) -> tuple[str, str]:
     if not bucket:
         raise StorageError(f"{uri}: no bucket in S3 URI")
     return bucket, key
+
+
+def bucket_of(uri: str) -> str:
+    return _split(uri)[0]
 
 
 @functools.cache
@@ -135,6 +140,29 @@ def list_children(prefix: str) -> list[str]:
     return sorted(p.name for p in root.iterdir()) if root.is_dir() else []
 
 
+def newest_change(prefix: str) -> float | None:
+    """When anything under `prefix` was last written (seconds since the epoch); None when it is empty."""
+    if is_s3(prefix):
+        bucket, key = _split(prefix)
+        key = key.rstrip("/") + "/" if key else ""
+        times = [obj["LastModified"].timestamp()
+                 for page in s3().get_paginator("list_objects_v2").paginate(Bucket=bucket, Prefix=key)
+                 for obj in page.get("Contents", [])]
+        return max(times, default=None)
+    root = Path(prefix)
+    return max((p.stat().st_mtime for p in root.rglob("*") if p.is_file()), default=None) if root.is_dir() else None
+
+
+def delete(uri: str) -> None:
+    """Remove one object or file; a missing one is not an error."""
+    if is_s3(uri):
+        bucket, key = _split(uri)
+        s3().delete_object(Bucket=bucket, Key=key)
+        return
+    with contextlib.suppress(FileNotFoundError):
+        os.unlink(uri)
+
+
 def delete_tree(prefix: str) -> None:
     if is_s3(prefix):
         keys = [_split(u)[1] for u in list_keys(prefix)]
@@ -187,15 +215,8 @@ def swap(uri: str, data: bytes, expected: str | None) -> bool:
     None = must not exist). Returns False, writing nothing, when another writer got there first."""
     if is_s3(uri):
         bucket, key = _split(uri)
-        cond = {"IfNoneMatch": "*"} if expected is None else {"IfMatch": expected}
-        try:
-            s3().put_object(Bucket=bucket, Key=key, Body=data, **cond)
-            return True
-        except Exception as exc:
-            code = getattr(exc, "response", {}).get("Error", {}).get("Code", "")
-            if code in ("PreconditionFailed", "412", "ConditionalRequestConflict", "409"):
-                return False
-            raise
+        check_conditional_writes(bucket)
+        return _conditional_put(bucket, key, data, expected)
     path = Path(uri)
     with _local_lock(path):
         if read_versioned(uri)[1] != expected:
@@ -204,22 +225,87 @@ def swap(uri: str, data: bytes, expected: str | None) -> bool:
         return True
 
 
+def _conditional_put(bucket: str, key: str, data: bytes, expected: str | None) -> bool:
+    cond = {"IfNoneMatch": "*"} if expected is None else {"IfMatch": expected}
+    try:
+        s3().put_object(Bucket=bucket, Key=key, Body=data, **cond)
+        return True
+    except Exception as exc:
+        code = getattr(exc, "response", {}).get("Error", {}).get("Code", "")
+        if code in ("PreconditionFailed", "412", "ConditionalRequestConflict", "409"):
+            return False
+        raise
+
+
+_conditional_ok: set[str] = set()
+
+
+def check_conditional_writes(bucket: str) -> None:
+    """Refuse a store that ignores `If-None-Match` / `If-Match`: there `swap` would silently become
+    last-writer-wins and two publishers (or promoters) could both win. Probed once per bucket and process
+    with a throw-away object."""
+    if bucket in _conditional_ok:
+        return
+    key = f".sicot-conditional-write-probe/{uuid.uuid4().hex}"
+    try:
+        _conditional_put(bucket, key, b"first", None)
+        create_refused = not _conditional_put(bucket, key, b"second", None)
+        stale_refused = not _conditional_put(bucket, key, b"third", '"00000000000000000000000000000000"')
+    finally:
+        s3().delete_object(Bucket=bucket, Key=key)
+    if not (create_refused and stale_refused):
+        ignored = "If-None-Match" if not create_refused else "If-Match"
+        raise StorageError(f"s3://{bucket}: the S3 store ignores conditional writes ({ignored}); compare-and-swap "
+                           "(index CURRENT, promotion lease) cannot be made safe on it. Use a store that honours "
+                           "them (AWS S3, SeaweedFS, MinIO, Ceph RGW recent releases)")
+    _conditional_ok.add(bucket)
+
+
+@contextlib.contextmanager
+def _dir_lock(directory: Path) -> Iterator[None]:
+    """An exclusive lock on a directory itself (flock works on directories): no lock file left beside
+    the outputs."""
+    fd = os.open(directory, os.O_RDONLY)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        yield
+    finally:
+        os.close(fd)  # closing releases the lock
+
+
+def _recover_swap(path: Path) -> None:
+    """Finish what a crash between `atomic_dir`'s two renames left: the previous output waits under its
+    `.old-` name while `path` is missing. Call with the directory's lock held."""
+    olds = sorted(path.parent.glob(f".{glob.escape(path.name)}.old-*"), key=lambda p: p.stat().st_mtime)
+    if olds and not path.exists():
+        os.replace(olds.pop(), path)
+    for old in olds:
+        shutil.rmtree(old, ignore_errors=True)
+
+
 @contextlib.contextmanager
 def atomic_dir(path: str | Path) -> Iterator[Path]:
-    """Build a directory under a temporary sibling name; it replaces `path` only on success.
+    """Build a local directory under a temporary sibling name; it replaces `path` only on success.
 
-    A step killed halfway leaves the previous output (or nothing) in place, never a half output.
+    A step killed halfway leaves the previous output (or nothing) in place, never a half output; one
+    killed between the two renames of the swap is repaired by the next `atomic_dir` on the same path.
     """
+    if is_s3(str(path)):
+        raise StorageError(f"{path}: atomic_dir builds a local directory; write objects to S3 one by one")
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
+    with _dir_lock(path.parent):
+        _recover_swap(path)
     tmp = path.with_name(f".{path.name}.tmp-{uuid.uuid4().hex[:8]}")
     tmp.mkdir()
     try:
         yield tmp
         old = path.with_name(f".{path.name}.old-{uuid.uuid4().hex[:8]}")
-        if path.exists():
-            os.replace(path, old)
-        os.replace(tmp, path)
+        with _dir_lock(path.parent):
+            _recover_swap(path)
+            if path.exists():
+                os.replace(path, old)
+            os.replace(tmp, path)
         shutil.rmtree(old, ignore_errors=True)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)

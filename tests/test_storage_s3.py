@@ -1,4 +1,5 @@
 """sicot.storage against a real S3 server (SeaweedFS on loopback)."""
+import functools
 import threading
 
 import pytest
@@ -74,3 +75,28 @@ def test_wrong_secret_is_refused(s3_bucket, monkeypatch):
     storage.s3.cache_clear()
     with pytest.raises(Exception, match="SignatureDoesNotMatch|AccessDenied|403"):
         storage.write_bytes(f"{s3_bucket}/x", b"x")
+
+
+class _IgnoresConditions:
+    """An S3 client for a store that accepts conditional PUTs but does not honour them."""
+
+    def __init__(self, client):
+        self._client = client
+
+    def put_object(self, **kwargs):
+        kwargs.pop("IfNoneMatch", None), kwargs.pop("IfMatch", None)
+        return self._client.put_object(**kwargs)
+
+    def __getattr__(self, name):
+        return getattr(self._client, name)
+
+
+def test_a_store_that_ignores_conditional_writes_is_refused(s3_bucket, monkeypatch):
+    uri = f"{s3_bucket}/index/CURRENT"
+    storage.write_bytes(uri, b"published")
+    honest = storage.s3()
+    monkeypatch.setattr(storage, "s3", functools.cache(lambda: _IgnoresConditions(honest)))
+    with pytest.raises(storage.StorageError, match="ignores conditional writes"):
+        storage.swap(uri, b"last writer", expected=None)
+    assert storage.read_bytes(uri) == b"published"
+    assert storage.list_keys(s3_bucket) == [uri]  # the probe cleans up after itself
