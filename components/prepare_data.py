@@ -43,7 +43,8 @@ def run(params: Params, track: bool = True) -> dict:
 
         generated = generate(paths.raw, data)
         source = paths.raw
-    manifest = load_manifest(source, on_bad_record=data.on_bad_record)
+    prefixes = [p.strip() for p in data.image_prefixes.split(",") if p.strip()]
+    manifest = load_manifest(source, on_bad_record=data.on_bad_record, image_prefixes=prefixes)
     with storage.atomic_dir(paths.prepared) as tmp:
         write_manifest(manifest, tmp)
 

@@ -97,6 +97,11 @@ BAD_CASES = [
      "missing field 'image'"),
     ("dotdot_path", "train.jsonl", lambda r: rec(image="images/../../etc/passwd"), "escapes the dataset directory"),
     ("absolute_path", "test.jsonl", lambda r: rec(image="/etc/passwd"), "is an absolute path"),
+    ("s3_dotdot_key", "train.jsonl", lambda r: rec(image="s3://bucket/../../../../../pwned.png"),
+     "'..' segments are not allowed"),
+    ("s3_empty_segment", "train.jsonl", lambda r: rec(image="s3://bucket/a//b.png"), "segments are not allowed"),
+    ("s3_other_bucket", "train.jsonl", lambda r: rec(image="s3://someone-elses-bucket/secret.png"),
+     "outside the dataset's own prefix and data.image_prefixes (allowed: none: this dataset is local)"),
     ("link_escapes", "train.jsonl", lambda r: rec(image=_outside_link(r)),
      "escapes the dataset directory (through a link)"),
     ("image_missing", "train.jsonl", lambda r: rec(image="images/nope.png"), "image not found: images/nope.png"),
@@ -245,18 +250,48 @@ def test_s3_dataset_is_read_and_written_locally(dataset, s3_bucket, tmp_path):
     root = f"{s3_bucket}/ds"
     for path in sorted(p for p in dataset.rglob("*") if p.is_file()):
         storage.write_bytes(storage.join(root, path.relative_to(dataset).as_posix()), path.read_bytes())
-    # an image addressed by absolute URI is allowed too
+    # an image addressed by absolute URI is allowed when it lies under a prefix the operator allowed
     storage.write_bytes(f"{s3_bucket}/elsewhere/extra.png", png((1, 2, 3)))
     storage.write_text(storage.join(root, "val.jsonl"), storage.read_text(storage.join(root, "val.jsonl"))
                        + rec(image=f"{s3_bucket}/elsewhere/extra.png", sku="SKU-C") + "\n")
-    m = load_manifest(root)
+    with pytest.raises(DatasetError, match=r"val\.jsonl:4: .*outside the dataset's own prefix"):
+        load_manifest(root)
+    allowed = [f"{s3_bucket}/elsewhere"]
+    m = load_manifest(root, image_prefixes=allowed)
     assert len(m.train) == 9 and len(m.val) == 4 and m.image_uri(m.val[-1]) == f"{s3_bucket}/elsewhere/extra.png"
     storage.write_bytes(storage.join(root, "images/train_SKU-A_0.png"), b"")
     with pytest.raises(DatasetError, match=r"train\.jsonl:1: image images/train_SKU-A_0\.png: image is empty"):
-        load_manifest(root)
+        load_manifest(root, image_prefixes=allowed)
     original = (dataset / "images/train_SKU-A_0.png").read_bytes()
     storage.write_bytes(storage.join(root, "images/train_SKU-A_0.png"), original)
     out = tmp_path / "prepared"
-    write_manifest(load_manifest(root), out)
+    write_manifest(load_manifest(root, image_prefixes=allowed), out)
     local = load_manifest(str(out))
     assert local.val[-1].image == f"images/s3/{s3_bucket[5:]}/elsewhere/extra.png" and len(local.train) == 9
+
+
+@pytest.mark.services
+def test_s3_images_are_confined_to_the_dataset_prefix(dataset, s3_bucket, tmp_path):
+    """An s3:// image outside the dataset's prefix is refused before anything is fetched, and nothing a
+    record names is written outside the prepared directory."""
+    from sicot import storage
+
+    root = f"{s3_bucket}/ds"
+    for path in sorted(p for p in dataset.rglob("*") if p.is_file()):
+        storage.write_bytes(storage.join(root, path.relative_to(dataset).as_posix()), path.read_bytes())
+    storage.write_bytes(f"{s3_bucket}/ds-other/x.png", png())  # a sibling prefix, not inside `ds/`
+    storage.write_bytes(f"{s3_bucket}/ds/images/own.png", png((9, 9, 9)))
+    lines = [rec(image=f"{s3_bucket}/ds-other/x.png"), rec(image=f"{s3_bucket}/ds/../pwned.png"),
+             rec(image=f"{s3_bucket}/ds/images/own.png", sku="SKU-B")]
+    storage.write_text(storage.join(root, "train.jsonl"),
+                       storage.read_text(storage.join(root, "train.jsonl")) + "\n".join(lines) + "\n")
+    with pytest.raises(DatasetError) as err:
+        load_manifest(root)
+    assert [(p.line, "outside the dataset's own prefix" in p.reason, "'..'" in p.reason)
+            for p in err.value.problems] == [(10, True, False), (11, False, True)]
+    kept = load_manifest(root, on_bad_record="skip")
+    assert kept.train[-1].image == f"{s3_bucket}/ds/images/own.png"
+    out = tmp_path / "prepared"
+    write_manifest(kept, out)
+    assert load_manifest(str(out)).train[-1].image == "images/own.png"  # its place inside the dataset
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["ds", "prepared"]

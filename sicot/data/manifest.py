@@ -13,6 +13,7 @@ import shutil
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath
+from typing import Iterable
 
 from sicot import storage
 from sicot.data.images import ImageError, decode_image
@@ -87,10 +88,36 @@ def _type_name(value) -> str:
                                          int: "number", float: "number"}.get(type(value), type(value).__name__)
 
 
-def _check_path(image: str) -> str | None:
-    """Why `image` may not be used as a path inside the dataset, or None when it may."""
+def _s3_key_problem(uri: str) -> str | None:
+    """Why the key of an s3:// image URI is unsafe to use as a path, or None."""
+    bucket, _, key = uri[len("s3://"):].partition("/")
+    if not bucket or not key:
+        return f"image URI {uri!r} names no object"
+    parts = key.split("/")
+    if "\\" in key or any(part in ("", ".", "..") for part in parts):
+        return f"image URI {uri!r}: empty, '.' or '..' segments are not allowed in an object key"
+    return None
+
+
+def _under(uri: str, prefix: str) -> bool:
+    return uri.startswith(prefix.rstrip("/") + "/")
+
+
+def _check_path(image: str, root: str, image_prefixes: tuple[str, ...]) -> str | None:
+    """Why `image` may not be read as part of the dataset at `root`, or None when it may.
+
+    A relative path must stay inside the dataset directory; an s3:// URI must lie under the dataset's own
+    prefix or one of `image_prefixes` (`data.image_prefixes`), so a record cannot make the pipeline read
+    another bucket with its credentials."""
     if storage.is_s3(image):
-        return None if len(image) > len("s3://") and "/" in image[5:] else f"image URI {image!r} names no object"
+        if why := _s3_key_problem(image):
+            return why
+        allowed = ((root,) if storage.is_s3(root) else ()) + image_prefixes
+        if not any(_under(image, prefix) for prefix in allowed):
+            where = ", ".join(allowed) if allowed else "none: this dataset is local"
+            return (f"image URI {image!r} is outside the dataset's own prefix and data.image_prefixes "
+                    f"(allowed: {where})")
+        return None
     if "://" in image:
         return f"image {image!r}: only paths inside the dataset and s3:// URIs are supported"
     if image.startswith(("/", "\\")) or (len(image) > 1 and image[1] == ":"):
@@ -100,7 +127,7 @@ def _check_path(image: str) -> str | None:
     return None
 
 
-def _parse_line(raw: bytes, kind: str) -> tuple[Record | None, str | None]:
+def _parse_line(raw: bytes, kind: str, root: str, image_prefixes: tuple[str, ...]) -> tuple[Record | None, str | None]:
     """One jsonl line -> (record, None) or (None, reason). `kind` is a split name or `catalog`."""
     try:
         text = raw.decode("utf-8")
@@ -132,12 +159,12 @@ def _parse_line(raw: bytes, kind: str) -> tuple[Record | None, str | None]:
         return None, f"field 'image' must be a string, got {_type_name(image)}"
     if not image and kind != CATALOG:
         return None, "field 'image' is empty"
-    if image and (why := _check_path(image)):
+    if image and (why := _check_path(image, root, image_prefixes)):
         return None, why
     return Record(image=image, sku=sku, title=title, tags=tuple(tags)), None
 
 
-def _read_jsonl(root: str, name: str, kind: str, required: bool):
+def _read_jsonl(root: str, name: str, kind: str, required: bool, image_prefixes: tuple[str, ...]):
     """[(line number, record)] and problems of one file; None for the records when the file is missing."""
     try:
         data = storage.read_bytes(storage.join(root, name))
@@ -147,7 +174,7 @@ def _read_jsonl(root: str, name: str, kind: str, required: bool):
     for number, raw in enumerate(data.split(b"\n"), start=1):
         if not raw.strip():
             continue
-        record, reason = _parse_line(raw.rstrip(b"\r"), kind)
+        record, reason = _parse_line(raw.rstrip(b"\r"), kind, root, image_prefixes)
         if reason:
             problems.append(Problem(name, number, reason))
         else:
@@ -194,8 +221,9 @@ class _ImageChecker:
             return dict(zip(ordered, pool.map(self.check, ordered)))
 
 
-def load_manifest(root: str, on_bad_record: str = "error", verify_images: bool = True) -> Manifest:
-    """Read and validate the dataset at `root`.
+def load_manifest(root: str, on_bad_record: str = "error", verify_images: bool = True,
+                  image_prefixes: Iterable[str] = ()) -> Manifest:
+    """Read and validate the dataset at `root`; s3:// images may also lie under `image_prefixes`.
 
     Raises DatasetError listing every problem (mode "error"), or only the ones that cannot be skipped
     (a missing file, a split left without records) in mode "skip".
@@ -203,13 +231,16 @@ def load_manifest(root: str, on_bad_record: str = "error", verify_images: bool =
     if on_bad_record not in ON_BAD_RECORD:
         raise ValueError(f"on_bad_record must be one of {ON_BAD_RECORD}, got {on_bad_record!r}")
     root = str(root)
+    image_prefixes = tuple(image_prefixes)
+    if bad_prefix := next((p for p in image_prefixes if not storage.is_s3(p) or _s3_key_problem(p + "/x")), None):
+        raise ValueError(f"data.image_prefixes: {bad_prefix!r} is not an s3://bucket[/prefix] URI")
     if not storage.is_s3(root) and not Path(root).is_dir():
         raise DatasetError(root, [Problem(root, 0, "dataset directory not found")])
     fatal: list[Problem] = []
     bad: list[Problem] = []
     files: dict[str, list] = {}
     for kind in (*SPLITS, CATALOG, HOLDOUT):
-        rows, problems = _read_jsonl(root, f"{kind}.jsonl", kind, required=kind != HOLDOUT)
+        rows, problems = _read_jsonl(root, f"{kind}.jsonl", kind, kind != HOLDOUT, image_prefixes)
         if rows is None:
             fatal += problems
         else:
@@ -277,11 +308,14 @@ def load_manifest(root: str, on_bad_record: str = "error", verify_images: bool =
                     catalog=records[CATALOG], dropped=bad, holdout=records.get(HOLDOUT, []))
 
 
-def _local_image_path(record: Record) -> str:
-    """Where an image lands in a written dataset: its own relative path, or one derived from its URI."""
-    if storage.is_s3(record.image):
-        return "images/s3/" + record.image[len("s3://"):]
-    return PurePosixPath(record.image.replace("\\", "/")).as_posix()
+def _local_image_path(manifest: Manifest, record: Record) -> str:
+    """Where an image lands in a written dataset: its own relative path (also for an s3:// image under the
+    dataset's own prefix), or `images/s3/<bucket>/<key>` for one under another allowed prefix."""
+    if not storage.is_s3(record.image):
+        return PurePosixPath(record.image.replace("\\", "/")).as_posix()
+    if _under(record.image, manifest.root):
+        return record.image[len(manifest.root.rstrip("/")) + 1:]
+    return "images/s3/" + record.image[len("s3://"):]
 
 
 def _place(src: str, dest: Path) -> None:
@@ -308,9 +342,13 @@ def write_manifest(manifest: Manifest, out_dir: str | Path) -> None:
         lines = []
         for record in records:
             if record.image:
-                rel = _local_image_path(record)
+                rel = _local_image_path(manifest, record)
+                dest = out / rel
+                if not dest.resolve().is_relative_to(out.resolve()):  # load_manifest refuses such paths
+                    raise DatasetError(manifest.root, [Problem(kind + ".jsonl", 0, f"image {record.image!r} "
+                                                               "would be written outside the dataset")])
                 if rel not in placed:
-                    _place(manifest.image_uri(record), out / rel)
+                    _place(manifest.image_uri(record), dest)
                     placed.add(rel)
                 record = Record(image=rel, sku=record.sku, title=record.title, tags=record.tags)
             lines.append(record.to_json() + "\n")
