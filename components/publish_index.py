@@ -58,8 +58,11 @@ def run(params: Params, merge: bool = False) -> dict:
     version = index.version_id(model_version, manifest.catalog, cfg.shards)
     out = index.version_uri(root, version)
     model_uri = f"models:/{name}/{number}"
+    grace = cfg.gc_grace_hours * 3600
+    if storage.is_s3(root):  # fail before hours of GPU work, not at the switch
+        storage.check_conditional_writes(storage.bucket_of(root))
     if merge:
-        return index.publish(root, version, cfg.shards, cfg.keep_versions, model_uri=model_uri)
+        return index.publish(root, version, cfg.shards, cfg.keep_versions, model_uri=model_uri, gc_grace_s=grace)
 
     model, embed = _embedder(model_file)
     read = lambda record: storage.read_bytes(manifest.image_uri(record))  # noqa: E731
@@ -76,7 +79,8 @@ def run(params: Params, merge: bool = False) -> dict:
         shards = index.build_all(manifest.catalog, cfg.shards, embed, read, classes, out, cfg.batch_size)
         built = sum(s["count"] for s in shards if not s["skipped"])
         seconds = time.perf_counter() - start
-        result = index.publish(root, version, cfg.shards, cfg.keep_versions, model_uri=model_uri, expected=token)
+        result = index.publish(root, version, cfg.shards, cfg.keep_versions, model_uri=model_uri, expected=token,
+                               gc_grace_s=grace)
         mlflow.log_metrics({"index_skus": result["skus"], "index_build_seconds": seconds,
                             "index_skus_per_second": built / seconds if built else 0.0})
         mlflow.set_tag("index_version", version)

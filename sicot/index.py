@@ -43,6 +43,17 @@ class PublishConflict(IndexStoreError):
 
 # ---- naming -------------------------------------------------------------------------------------
 
+# What `version_id` makes: a name that is one path segment and can never be empty, `.` or `..`.
+_VERSION_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,127}")
+
+
+def check_version_name(name: Any, where: str) -> str:
+    if not isinstance(name, str) or not _VERSION_NAME.fullmatch(name):
+        raise IndexStoreError(f"{where}: {name!r} is not an index version name (letters, digits, '.', '_', '-'; "
+                              "starting with a letter or digit)")
+    return name
+
+
 def index_uri(root: str) -> str:
     return storage.join(root, "index")
 
@@ -194,6 +205,7 @@ def read_current(root: str) -> tuple[dict | None, str | None]:
             raise ValueError("needs a string 'version' and a list 'history'")
     except (ValueError, AttributeError) as exc:
         raise IndexStoreError(f"{uri}: not a valid index pointer: {exc}") from None
+    check_version_name(pointer["version"], f"{uri}: 'version'")
     return pointer, token
 
 
@@ -251,23 +263,34 @@ def _ensure_manifest(vdir: str, version: str, shards: list[dict], model_uri: str
 
 
 def publish(root: str, version: str, num_shards: int, keep_versions: int = 3, *, model_uri: str = "",
-            expected: str | None | object = _READ_NOW) -> dict:
+            expected: str | None | object = _READ_NOW, gc_grace_s: float = 24 * 3600) -> dict:
     """Check every shard of `version`, write its manifest and switch CURRENT to it, atomically.
 
     The switch is a compare-and-swap against the CURRENT read at the start (or `expected`, a token
     from `read_current` taken earlier, e.g. before the shards were built). If another publisher moved
     CURRENT meanwhile, `PublishConflict` is raised and nothing is overwritten. Only after a successful
-    switch are published versions beyond the newest `keep_versions` deleted.
+    switch are published versions beyond the newest `keep_versions` deleted, and versions no pointer
+    names (a losing publisher's, an abandoned build's) once nothing in them changed for `gc_grace_s`
+    (long enough that a build still running elsewhere is never touched).
     """
     if keep_versions < 1:
         raise IndexStoreError(f"keep_versions must be >= 1, got {keep_versions}")
+    if num_shards < 1:
+        raise IndexStoreError(f"num_shards must be >= 1, got {num_shards}")
+    check_version_name(version, "version to publish")
     pointer_uri = storage.join(index_uri(root), "CURRENT")
     current, token = read_current(root)
+    # Names from the pointer become paths to delete: a damaged one must stop the publish, not steer it.
+    for position, name in enumerate(current["history"] if current else []):
+        check_version_name(name, f"{pointer_uri}: 'history'[{position}]")
     if expected is not _READ_NOW and token != expected:
         raise PublishConflict(f"{pointer_uri}: moved to {current and current['version']} since it was read; "
                               f"{version} was not published")
     vdir = version_uri(root, version)
-    manifest = _ensure_manifest(vdir, version, _verified_shards(vdir, num_shards), model_uri)
+    shards = _verified_shards(vdir, num_shards)
+    if not sum(m["count"] for m in shards):
+        raise IndexStoreError(f"{vdir}: the index holds no SKU; an empty index is never published")
+    manifest = _ensure_manifest(vdir, version, shards, model_uri)
     previous = current["version"] if current else None
     result = {"version": version, "uri": vdir, "previous": previous, "skus": manifest["totals"]["skus"],
               "switched": False, "pruned": []}
@@ -285,7 +308,20 @@ def publish(root: str, version: str, num_shards: int, keep_versions: int = 3, *,
                               f"Re-run to publish {version} on top of it.")
     for old in dropped:
         storage.delete_tree(version_uri(root, old))
-    return {**result, "switched": True, "pruned": dropped}
+    return {**result, "switched": True, "pruned": dropped, "collected": _collect_unreferenced(root, kept, gc_grace_s)}
+
+
+def _collect_unreferenced(root: str, referenced: list[str], grace_s: float) -> list[str]:
+    """Delete stored versions that CURRENT does not name and that nobody wrote to for `grace_s`."""
+    now, collected = datetime.now(timezone.utc).timestamp(), []
+    for name in stored_versions(root):
+        if name in referenced or not _VERSION_NAME.fullmatch(name):
+            continue
+        changed = storage.newest_change(version_uri(root, name))
+        if changed is None or now - changed >= grace_s:
+            storage.delete_tree(version_uri(root, name))
+            collected.append(name)
+    return collected
 
 
 # ---- reading -------------------------------------------------------------------------------------

@@ -265,3 +265,47 @@ def test_reader_follows_current_when_its_version_is_pruned_mid_read(tmp_path, mo
     assert index.load_current(root).version == v1
     with pytest.raises(index.IndexStoreError, match=f"{v0}/manifest.json: missing"):
         index.load_version(root, v0)
+
+
+@pytest.mark.parametrize("bad_entry", ["", "..", ".", "../../etc", "a/b", 7])
+def test_a_damaged_history_deletes_nothing(tmp_path, bad_entry):
+    root = str(tmp_path)
+    v1, v2 = (build_version(root, make_catalog(), model=f"model-{i}") for i in range(2))
+    index.publish(root, v1, 3)
+    pointer = storage.join(root, "index", "CURRENT")
+    storage.write_text(pointer, json.dumps({"version": v1, "history": [v1, bad_entry]}))
+    before = sorted(p.relative_to(tmp_path) for p in tmp_path.rglob("*"))
+    with pytest.raises(index.IndexStoreError, match=r"CURRENT: 'history'\[1\]: .* is not an index version name"):
+        index.publish(root, v2, 3, keep_versions=1)
+    assert sorted(p.relative_to(tmp_path) for p in tmp_path.rglob("*")) == before
+    assert index.load_current(root).version == v1
+
+
+def test_an_empty_index_is_never_published(tmp_path):
+    root = str(tmp_path)
+    version = build_version(root, make_catalog())
+    index.publish(root, version, 3)
+    empty = index.version_id("model-2", [], 1)
+    index.build_all([], 1, fake_embed, read_image, {}, index.version_uri(root, empty))
+    with pytest.raises(index.IndexStoreError, match="holds no SKU"):
+        index.publish(root, empty, 1)
+    with pytest.raises(index.IndexStoreError, match="num_shards must be >= 1"):
+        index.publish(root, version, 0)
+    assert index.load_current(root).version == version
+
+
+def test_unreferenced_versions_are_collected_once_idle(tmp_path):
+    root = str(tmp_path)
+    published, loser, building = (build_version(root, make_catalog(), model=m) for m in ("a", "b", "c"))
+    index.publish(root, published, 3)
+    with pytest.raises(index.PublishConflict):
+        index.publish(root, loser, 3, expected="stale-token")  # the losing publisher's version stays behind
+    assert loser in index.stored_versions(root)
+
+    fresh = build_version(root, make_catalog(), model="d")
+    result = index.publish(root, fresh, 3)  # default grace: a build that may still be running is kept
+    assert result["collected"] == [] and {loser, building} <= set(index.stored_versions(root))
+    newest = build_version(root, make_catalog(), model="e")
+    result = index.publish(root, newest, 3, keep_versions=2, gc_grace_s=0)
+    assert sorted(result["collected"]) == sorted([loser, building]) and result["pruned"] == [published]
+    assert sorted(index.stored_versions(root)) == sorted([fresh, newest])
