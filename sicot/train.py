@@ -29,7 +29,7 @@ import torch
 import torch.distributed as dist
 from torch.utils.data import DataLoader, DistributedSampler
 
-from sicot import storage
+from sicot import storage, torchfile
 from sicot.config import Params
 from sicot.model.backbone import create_backbone
 from sicot.model.classifier import ReplicatedClassifier
@@ -238,10 +238,12 @@ def save_checkpoint(model: SICoT, optimizer, scheduler, epoch: int, history: lis
 def load_checkpoint(uri: str, expected: dict) -> dict:
     """The checkpoint at `uri`, refused with the differences named when it belongs to another setup."""
     try:
-        blob = torch.load(io.BytesIO(storage.read_bytes(uri)), map_location="cpu", weights_only=True)
+        blob = torchfile.load(uri, "training checkpoint")
     except FileNotFoundError:
         raise TrainError(f"train.resume=true but there is no checkpoint at {uri}; "
                          "train without resume first") from None
+    except torchfile.TorchFileError as exc:
+        raise TrainError(f"{exc}, or set train.resume=false to start over") from None
     if not isinstance(blob, dict) or blob.get("format") != CHECKPOINT_FORMAT:
         raise TrainError(f"{uri}: not a sicot training checkpoint")
     found = blob["fingerprint"]

@@ -111,6 +111,37 @@ def test_checkpoint_of_other_classes_is_named(trained_sicot):
         load_checkpoint(out["checkpoint"], expected)
 
 
+class Pickled:
+    """Any class at all: what a checkpoint crafted to run code on load would carry."""
+
+
+@pytest.mark.parametrize("damage, says", [
+    (lambda data: data[: len(data) // 2], "damaged or truncated"),
+    (lambda data: b"", "damaged or truncated"),
+    (lambda data: b"garbage, not a torch file" * 10, "damaged or not a torch file"),
+    (lambda data: _torch_bytes({"format": "sicot.checkpoint/1", "payload": Pickled()}), "objects other than tensors"),
+])
+def test_a_damaged_checkpoint_is_a_clear_error_and_stays_as_it_was(trained_sicot, tmp_path, damage, says):
+    _, out = trained_sicot
+    broken = tmp_path / "checkpoint.pt"
+    broken.write_bytes(damage(Path(out["checkpoint"]).read_bytes()))
+    before = broken.read_bytes()
+    with pytest.raises(TrainError) as error:
+        load_checkpoint(str(broken), {})
+    message = str(error.value)
+    assert str(broken) in message and says in message and "train.resume=false" in message
+    assert "weights_only=False" not in message  # never advise turning the safety off
+    assert broken.read_bytes() == before
+
+
+def _torch_bytes(obj) -> bytes:
+    import io
+
+    buffer = io.BytesIO()
+    torch.save(obj, buffer)
+    return buffer.getvalue()
+
+
 def test_resume_without_checkpoint_says_so(tiny_world, tmp_path):
     with pytest.raises(TrainError, match="no checkpoint at .*train without resume first"):
         train(tiny_world.params(tmp_path, "train.mode=baseline", "train.resume=true"), track=False)

@@ -5,12 +5,11 @@ downloaded, so training runs the same offline, in CI and in a pod.
 """
 from __future__ import annotations
 
-import io
 from typing import Callable
 
 from torch import nn
 
-from sicot import storage
+from sicot import torchfile
 
 _REGISTRY: dict[str, tuple[Callable[[], nn.Module], int]] = {}
 
@@ -49,14 +48,12 @@ def _resnet50() -> nn.Module:
 
 
 def _load_weights(model: nn.Module, name: str, uri: str) -> None:
-    import torch
-
     try:
-        state = torch.load(io.BytesIO(storage.read_bytes(uri)), map_location="cpu", weights_only=True)
+        state = torchfile.load(uri, "backbone weights file")
     except FileNotFoundError:
         raise BackboneError(f"backbone weights {uri}: file not found") from None
-    except Exception as exc:
-        raise BackboneError(f"backbone weights {uri}: not a torch state_dict ({exc})") from None
+    except torchfile.TorchFileError as exc:
+        raise BackboneError(str(exc)) from None
     if not isinstance(state, dict):
         raise BackboneError(f"backbone weights {uri}: expected a state_dict, got {type(state).__name__}")
     state = {k: v for k, v in state.items() if not k.startswith("fc.")}  # the ImageNet head is not used

@@ -13,7 +13,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from sicot import storage
+from sicot import storage, torchfile
 from sicot.data.images import decode_image, to_tensor
 from sicot.model.backbone import create_backbone
 
@@ -74,11 +74,11 @@ class Recognizer(nn.Module):
     @classmethod
     def load(cls, uri: str, map_location: str | torch.device = "cpu") -> "Recognizer":
         try:
-            blob = torch.load(io.BytesIO(storage.read_bytes(uri)), map_location=map_location, weights_only=True)
+            blob = torchfile.load(uri, "model file", map_location)
         except FileNotFoundError:
             raise RecognizerError(f"{uri}: model file not found") from None
-        except Exception as exc:
-            raise RecognizerError(f"{uri}: not a readable torch file ({type(exc).__name__}: {exc})") from None
+        except torchfile.TorchFileError as exc:
+            raise RecognizerError(str(exc)) from None
         if not isinstance(blob, dict) or blob.get("format") != FORMAT:
             found = blob.get("format", "no format tag") if isinstance(blob, dict) else type(blob).__name__
             raise RecognizerError(f"{uri}: not a sicot recognizer (expected format {FORMAT!r}, found {found!r})")

@@ -36,7 +36,7 @@ import torch
 from torch import nn
 from torch.nn.utils.rnn import pack_padded_sequence, pad_packed_sequence
 
-from sicot import storage
+from sicot import storage, torchfile
 from sicot.text.word2vec import Vocabulary
 
 _REGISTRY: dict[str, Callable[..., "TextEncoder"]] = {}
@@ -162,7 +162,7 @@ def save_text_encoder(encoder: TextEncoder, name: str, vocab: Vocabulary, max_le
 
 def load_text_encoder(uri: str):
     """(encoder in eval mode, Vocabulary, max_len) from `save_text_encoder`'s file."""
-    blob = torch.load(io.BytesIO(storage.read_bytes(uri)), map_location="cpu", weights_only=True)
+    blob = torchfile.load(uri, "text encoder file")
     if not isinstance(blob, dict) or blob.get("format") != ENCODER_FORMAT:
         raise ValueError(f"{uri}: not a sicot text encoder file (expected format {ENCODER_FORMAT!r})")
     table = blob["state_dict"]["embedding.weight"].numpy()

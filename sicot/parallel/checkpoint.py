@@ -75,9 +75,13 @@ def read_metadata(ckpt_dir: str | Path) -> dict:
     path = Path(ckpt_dir, META)
     if not path.is_file():
         raise FileNotFoundError(f"{path}: not a sharded classifier checkpoint (no {META})")
-    meta = json.loads(path.read_text())
-    if meta.get("format") != FORMAT:
-        raise ValueError(f"{path}: format is {meta.get('format')!r}, expected {FORMAT!r}")
+    try:
+        meta = json.loads(path.read_text())
+    except (ValueError, UnicodeDecodeError) as exc:
+        raise ValueError(f"{path}: damaged ({exc}); the sharded checkpoint cannot be used") from None
+    if not isinstance(meta, dict) or meta.get("format") != FORMAT:
+        found = meta.get("format") if isinstance(meta, dict) else type(meta).__name__
+        raise ValueError(f"{path}: format is {found!r}, expected {FORMAT!r}")
     return meta
 
 
@@ -99,7 +103,11 @@ def load(ckpt_dir: str | Path, clf: ShardedClassifier, optimizer: torch.optim.Op
     for key, kind in kinds.items():  # scalar state (Adam's step) lives on CPU, as torch.optim keeps it
         target = torch.empty_like(clf.weight.detach())
         state[f"optimizer.{key}"] = _as_dtensor(target, clf, mesh) if kind == "sharded" else torch.empty(())
-    dcp.load(state, checkpoint_id=str(ckpt_dir), process_group=clf.group)
+    try:
+        dcp.load(state, checkpoint_id=str(ckpt_dir), process_group=clf.group)
+    except Exception as exc:  # every rank reads the same files, so every rank fails alike
+        raise ValueError(f"{ckpt_dir}: the sharded classifier checkpoint is damaged ({type(exc).__name__}: "
+                         f"{str(exc).strip()[:200]}); nothing was loaded") from None
     with torch.no_grad():
         clf.weight.copy_(state["weight"].to_local())
     for key in kinds:
