@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import os
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterable, Mapping
@@ -26,6 +27,8 @@ def opt(default: Any, *, ge: float | None = None, gt: float | None = None, le: f
 
 @dataclass
 class Paths:
+    """Where each step's inputs and outputs live: a local path or an s3:// URI. Each can also be set
+    from the environment as SICOT_<KEY> (SICOT_PREPARED, SICOT_INDEX, ...: the Kubernetes ConfigMap)."""
     raw: str = "data/raw"
     prepared: str = "data/prepared"
     word2vec: str = "models/word2vec"
@@ -232,7 +235,8 @@ def parse_override(text: str) -> tuple[str, str, Any]:
 
 
 def load_params(path: str | Path | None = None, overrides: Iterable[str] = ()) -> Params:
-    """Defaults, then the file (when given: it must exist), then the overrides, each validated."""
+    """Defaults, then the file (when given: it must exist), then SICOT_<KEY> environment variables for
+    `paths.*`, then the overrides, each validated."""
     params = Params()
     if path is not None:
         if not Path(path).is_file():
@@ -251,6 +255,9 @@ def load_params(path: str | Path | None = None, overrides: Iterable[str] = ()) -
                     _apply(params, section, key, value)
                 except ConfigError as exc:
                     raise ConfigError(f"{path}: {exc}") from None
+    for key in (f.name for f in dataclasses.fields(Paths)):  # params file < environment < --set
+        if value := os.environ.get(f"SICOT_{key.upper()}"):
+            _apply(params, "paths", key, value)
     for text in overrides:
         _apply(params, *parse_override(text))
     _check_together(params)

@@ -90,3 +90,11 @@ def test_bad_file(tmp_path):
 def test_parse_override_reads_yaml_values():
     assert parse_override("data.source=s3://b/x") == ("data", "source", "s3://b/x")
     assert parse_override("train.epochs=3") == ("train", "epochs", 3)
+
+
+def test_locations_come_from_file_then_environment_then_set(monkeypatch):
+    assert load_params("params.yaml").paths.index == "index_store"
+    monkeypatch.setenv("SICOT_INDEX", "s3://bucket/index_store")
+    monkeypatch.setenv("SICOT_PREPARED", "s3://bucket/data/prepared")
+    params = load_params("params.yaml", ["paths.prepared=/elsewhere"])
+    assert params.paths.index == "s3://bucket/index_store" and params.paths.prepared == "/elsewhere"
