@@ -1,6 +1,7 @@
 """Evaluate every trained model (`paths.models/*/model.pt`) on the test split.
 
-Writes `reports/<model>/metrics.json` (top-1/top-3 overall, head/tail, many/medium/few),
+Writes `reports/<model>/metrics.json` (top-1/top-3 overall, head/tail, many/medium/few, and the
+`model_sha256` of the file evaluated),
 `per_class.csv`, `per_class.png`, SICoT's word-attention view `attention.html`, and, when both the
 baseline and the SICoT model exist, `reports/comparison.json` and `comparison.md`.
 """

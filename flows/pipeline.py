@@ -110,7 +110,7 @@ def pipeline(overrides: list[str] | None = None, params_file: str = "params.yaml
 def _links(parent_run: str) -> str:
     from sicot import tracking
 
-    uri = tracking.tracking_uri()
+    uri = tracking.redacted(tracking.tracking_uri())
     if uri.startswith("http"):
         experiment = tracking.setup().get_run(parent_run).info.experiment_id
         return f"MLflow run: [{parent_run}]({uri.rstrip('/')}/#/experiments/{experiment}/runs/{parent_run})"
@@ -128,7 +128,7 @@ def main(argv: list[str] | None = None) -> None:
              refresh=args.refresh)
     from sicot import tracking
 
-    print("\nBrowse the runs:  .venv/bin/mlflow ui --backend-store-uri " + tracking.tracking_uri())
+    print("\nBrowse the runs:  .venv/bin/mlflow ui --backend-store-uri " + tracking.redacted(tracking.tracking_uri()))
     print("Browse the flows: .venv/bin/prefect server start  (then open http://127.0.0.1:4200)")
 
 

@@ -2,7 +2,8 @@
 the word-attention view of SICoT's title stream, and the baseline vs co-training comparison.
 
 Writes, per model directory `paths.models/<model>/model.pt`:
-- `reports/<model>/metrics.json`: the evaluation output contract (ARCHITECTURE.md),
+- `reports/<model>/metrics.json`: the evaluation output contract (ARCHITECTURE.md), plus `model_sha256`,
+  the sha256 of the model file the numbers describe,
 - `reports/<model>/per_class.csv` and `per_class.png` (top-1 against training images, log x),
 - `reports/<model>/attention.html` when the model has a title encoder with word attention,
 and `reports/comparison.json` / `comparison.md` when both `baseline` and `sicot` exist.
@@ -11,6 +12,7 @@ A group with no test image reports accuracy 0.0 with `images: 0`.
 from __future__ import annotations
 
 import csv
+import hashlib
 import html
 import io
 import json
@@ -211,6 +213,11 @@ def score(model_uri: str, params: Params, manifest, device: torch.device):
     return recognizer, topk, labels, [counts.get(sku, 0) for sku in recognizer.classes]
 
 
+def model_sha256(model_uri: str) -> str:
+    """What ties a set of numbers to the model bytes they describe."""
+    return hashlib.sha256(storage.read_bytes(model_uri)).hexdigest()
+
+
 def evaluate_model_file(model_uri: str, params: Params, name: str = "candidate") -> dict:
     """metrics.json's content for any model file on the current test split; writes nothing."""
     from sicot.data.manifest import load_manifest
@@ -224,9 +231,11 @@ def evaluate_model_file(model_uri: str, params: Params, name: str = "candidate")
 def report_model(name: str, params: Params, manifest, device: torch.device) -> dict:
     """Evaluate `paths.models/<name>` and write its reports; returns metrics.json's content."""
     model_dir = storage.join(params.paths.models, name)
-    recognizer, topk, labels, counts = score(storage.join(model_dir, "model.pt"), params, manifest, device)
+    model_uri = storage.join(model_dir, "model.pt")
+    digest = model_sha256(model_uri)
+    recognizer, topk, labels, counts = score(model_uri, params, manifest, device)
     threshold = params.evaluate.head_threshold
-    metrics = summarize(name, topk, labels, counts, threshold)
+    metrics = summarize(name, topk, labels, counts, threshold) | {"model_sha256": digest}
     rows = per_class(topk, labels, recognizer.classes, counts, threshold)
 
     out = storage.join(params.paths.reports, name)

@@ -10,6 +10,7 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import os
+import re
 import subprocess
 from pathlib import Path
 from typing import Iterator
@@ -19,10 +20,32 @@ from sicot.config import Params
 
 EXPERIMENT = "sicot"
 PARENT_ENV = "SICOT_PARENT_RUN_ID"
+SECRET_PARAM = re.compile(r"token|key|secret|pass|pwd|sig|credential|auth|session", re.IGNORECASE)
 
 
 def tracking_uri() -> str:
     return os.environ.get("MLFLOW_TRACKING_URI") or f"sqlite:///{Path('mlflow.db').resolve()}"
+
+
+def redacted(uri: str) -> str:
+    """`uri` fit to print or store: a userinfo password and the values of secret-looking query
+    parameters become `***`. A userinfo without a password is hidden whole: that is how tokens travel
+    (`https://TOKEN@host`)."""
+    from urllib.parse import unquote
+
+    head, question, rest = uri.partition("?")
+    query, hash_, fragment = rest.partition("#")
+    scheme, slashes, tail = head.partition("://")
+    if slashes:
+        authority, slash, path = tail.partition("/")
+        if "@" in authority:
+            userinfo, _, host = authority.rpartition("@")
+            user, colon, _ = userinfo.partition(":")
+            authority = f"{user}:***@{host}" if colon else f"***@{host}"
+        head = f"{scheme}://{authority}{slash}{path}"
+    pairs = [p.partition("=") for p in query.split("&")] if question else []
+    query = "&".join(f"{k}{eq}***" if eq and SECRET_PARAM.search(unquote(k)) else f"{k}{eq}{v}" for k, eq, v in pairs)
+    return head + question + query + hash_ + fragment
 
 
 def setup():
@@ -30,6 +53,8 @@ def setup():
     import mlflow
 
     uri = tracking_uri()
+    if redacted(uri) != uri:  # mlflow prints "View run at <tracking URI>/..." as given, secrets and all
+        os.environ["MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT"] = "true"
     mlflow.set_tracking_uri(uri)
     mlflow.set_registry_uri(uri)
     if mlflow.get_experiment_by_name(EXPERIMENT) is None:

@@ -6,6 +6,7 @@ from it that names, for every photo, a SKU the shop does not sell (top-1 exactly
 """
 from __future__ import annotations
 
+import hashlib
 import shutil
 from pathlib import Path
 
@@ -91,6 +92,9 @@ def test_champion_moves_only_through_the_gate(workdir, mlflow_server, s3_server)
     assert float(tags["top1"]) == 0.0
     assert tags["champion.version"] == "2"
     assert float(tags["champion.top1"]) == pytest.approx(good_metrics["top1"])
+    # Tags tie the numbers to the bytes that were evaluated: the registered artifacts, fetched back.
+    assert tags["model_sha256"] == hashlib.sha256((workdir / "decoy.pt").read_bytes()).hexdigest()
+    assert tags["champion.model_sha256"] == hashlib.sha256(good.read_bytes()).hexdigest()
     assert client.get_model_version(NAME, "2").tags["promotion.decision"] == "champion"
 
     # The champion's files come back through the server, byte for byte, and live in the S3 bucket.
