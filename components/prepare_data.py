@@ -23,7 +23,7 @@ from sicot.data.manifest import DatasetError, load_manifest, write_manifest
 def _log_to_mlflow(params: Params, stats: dict, reports: str) -> None:
     from sicot import tracking
 
-    with tracking.step_run("prepare_data", params, sections=("data", "paths")):
+    with tracking.step_run("prepare_data", params, sections=("data", "paths"), reads_data=False):
         import mlflow
 
         mlflow.log_metrics({k: float(v) for k, v in stats.items() if isinstance(v, (int, float))})

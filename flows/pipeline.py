@@ -24,7 +24,7 @@ from prefect.artifacts import create_markdown_artifact
 from prefect.cache_policies import INPUTS, TASK_SOURCE
 from prefect.futures import wait
 
-from components import evaluate_model, prepare_data, promote_model, train_word2vec
+from components import evaluate_model, prepare_data, promote_model, train_word2vec, version_data
 from flows.publish import publish
 from flows.retries import io_retries
 from flows.train import launch
@@ -36,12 +36,20 @@ IO_RETRIES = io_retries(2, 5)
 
 @task(name="prepare_data", **CACHED, **IO_RETRIES)
 def prepare(settings: dict, workdir: str) -> dict:
-    return prepare_data.run(Params.from_dict(settings))
+    """The prepared data as a DVC version: later steps, on any machine, read exactly that version."""
+    params = Params.from_dict(settings)
+    return prepare_data.run(params) | {"version": version_data.run(params, params.paths.prepared)}
 
 
 @task(name="train_word2vec", **CACHED)
 def word2vec(settings: dict, workdir: str, data: dict) -> dict:
-    return train_word2vec.run(Params.from_dict(settings))
+    params = Params.from_dict(settings)
+    return train_word2vec.run(params) | {"version": version_data.run(params, params.paths.word2vec)}
+
+
+def reading(settings: dict, **versions: dict) -> dict:
+    """`settings` with `paths.<name>` pointing at the DVC version of that output."""
+    return {**settings, "paths": {**settings["paths"], **{name: v["version"]["uri"] for name, v in versions.items()}}}
 
 
 @task(name="train_model", task_run_name="train_{mode}", **CACHED)
@@ -85,9 +93,11 @@ def pipeline(overrides: list[str] | None = None, params_file: str = "params.yaml
     opts = {"refresh_cache": True} if refresh else {}
     with tracking.pipeline_run(params) as parent_run:
         data = prepare.with_options(**opts)(settings, workdir)
-        vectors = word2vec.with_options(**opts)(settings, workdir, data)
+        vectors = word2vec.with_options(**opts)(reading(settings, prepared=data), workdir, data)
+        settings = reading(settings, prepared=data, word2vec=vectors)
+        located = [*overrides, *(f"paths.{k}={v}" for k, v in settings["paths"].items() if k in ("prepared", "word2vec"))]
         runs = [train.with_options(**opts).submit(settings, workdir, mode, data, vectors if mode == "sicot" else None,
-                                                  train_deployment, overrides)
+                                                  train_deployment, located)
                 for mode in ("baseline", "sicot")]
         wait(runs)
         failed = [f"train_{mode}: {run.state.message}" for mode, run in zip(("baseline", "sicot"), runs)
@@ -98,7 +108,7 @@ def pipeline(overrides: list[str] | None = None, params_file: str = "params.yaml
         outputs = {"mlflow_run": parent_run, "evaluation": report}
         if promote_and_publish:
             outputs["promotion"] = promote(settings, report)
-            outputs["index"] = publish(overrides, params_file)
+            outputs["index"] = publish(located, params_file)
     table = Path(params.paths.reports, "comparison.md")
     markdown = table.read_text(encoding="utf-8") if table.exists() else "(no comparison: one model trained)"
     create_markdown_artifact(markdown + "\n\n" + _links(parent_run), key="sicot-comparison",

@@ -35,6 +35,7 @@ class Paths:
     models: str = "models"
     reports: str = "reports"
     index: str = "index_store"
+    dvc_remote: str = ""
 
 
 @dataclass

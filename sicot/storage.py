@@ -1,5 +1,10 @@
 """URIs in, bytes and files out: local paths and `s3://bucket/key` behind one small API.
 
+A directory versioned by DVC is read in place, from DVC's cache or remote (local or S3), by naming its
+`.dir` object: `<cache or remote>/files/md5/ab/cdef….dir/train.jsonl` is `train.jsonl` of exactly that
+version. The `.dir` object lists every file's path and md5, and each file is stored under its md5; such
+a tree is immutable, so writing into one is an error.
+
 Writes are atomic: a local file is written under a temporary name and renamed; an S3 PUT is atomic by
 nature. `swap` is a compare-and-swap (S3 conditional writes `If-None-Match: *` / `If-Match: <etag>`,
 a file lock locally), so two concurrent writers of a pointer such as `index/CURRENT` cannot both win.
@@ -12,7 +17,9 @@ import fcntl
 import functools
 import glob
 import hashlib
+import json
 import os
+import re
 import shutil
 import tempfile
 import uuid
@@ -26,6 +33,56 @@ class StorageError(OSError):
 
 def is_s3(uri: str) -> bool:
     return str(uri).startswith("s3://")
+
+
+# <odb>/files/md5/<2 hex>/<30 hex>.dir[/<path inside the tree>]: DVC 3's layout of caches and remotes.
+_DVC_TREE = re.compile(r"^(?P<odb>.*)/files/md5/(?P<head>[0-9a-f]{2})/(?P<tail>[0-9a-f]{30})\.dir(?:/(?P<rel>.*))?$")
+
+
+def dvc_tree(uri: str) -> tuple[str, str] | None:
+    """(URI of the `.dir` object, path inside it) for a URI in a DVC-versioned directory, else None."""
+    match = _DVC_TREE.match(str(uri).rstrip("/"))
+    if not match:
+        return None
+    tree = f"{match['odb']}/files/md5/{match['head']}/{match['tail']}.dir"
+    return tree, match["rel"] or ""
+
+
+def dvc_tree_uri(odb: str, md5: str) -> str:
+    """The URI of directory version `md5` (`<32 hex>.dir`) in the DVC cache or remote `odb`."""
+    return f"{str(odb).rstrip('/')}/files/md5/{md5[:2]}/{md5[2:]}"
+
+
+def is_dvc_tree(uri: str) -> bool:
+    return dvc_tree(uri) is not None
+
+
+@functools.lru_cache(maxsize=64)
+def _dvc_listing(tree: str) -> dict[str, str]:
+    """relpath -> md5 of every file in the tree (read once: a version never changes)."""
+    try:
+        entries = json.loads(read_bytes(tree))
+        return {entry["relpath"]: entry["md5"] for entry in entries}
+    except FileNotFoundError:
+        raise FileNotFoundError(f"{tree}: no such DVC directory version (pushed to this cache or remote?)") from None
+    except (ValueError, TypeError, KeyError):
+        raise StorageError(f"{tree}: not a DVC directory listing") from None
+
+
+def _dvc_object(uri: str) -> str:
+    """The stored object behind a file in a DVC tree."""
+    tree, rel = dvc_tree(uri)
+    odb = tree[: tree.index("/files/md5/")]
+    try:
+        md5 = _dvc_listing(tree)[rel]
+    except KeyError:
+        raise FileNotFoundError(f"{uri}: no file {rel!r} in DVC directory version {tree}") from None
+    return dvc_tree_uri(odb, md5)
+
+
+def _refuse_dvc_write(uri: str) -> None:
+    if is_dvc_tree(uri):
+        raise StorageError(f"{uri}: inside a DVC-versioned directory, which is immutable")
 
 
 def join(uri: str, *parts: str) -> str:
@@ -60,6 +117,8 @@ def _is_missing(exc: Exception) -> bool:
 
 
 def read_bytes(uri: str) -> bytes:
+    if (tree := dvc_tree(uri)) and tree[1]:
+        return read_bytes(_dvc_object(uri))
     if is_s3(uri):
         bucket, key = _split(uri)
         try:
@@ -76,6 +135,9 @@ def read_text(uri: str) -> str:
 
 
 def exists(uri: str) -> bool:
+    if tree := dvc_tree(uri):
+        tree_uri, rel = tree
+        return rel == "" and exists(tree_uri) or rel in _dvc_listing(tree_uri)
     if is_s3(uri):
         bucket, key = _split(uri)
         try:
@@ -90,6 +152,7 @@ def exists(uri: str) -> bool:
 
 def write_bytes(uri: str, data: bytes) -> None:
     """Write all of `data` or nothing: readers never see a partial file."""
+    _refuse_dvc_write(uri)
     if is_s3(uri):
         bucket, key = _split(uri)
         s3().put_object(Bucket=bucket, Key=key, Body=data)
@@ -115,6 +178,10 @@ def write_text(uri: str, text: str) -> None:
 
 def list_keys(prefix: str) -> list[str]:
     """Every object (file) under `prefix`, as full URIs, sorted."""
+    if tree := dvc_tree(prefix):
+        tree_uri, rel = tree
+        under = rel.rstrip("/") + "/" if rel else ""
+        return sorted(f"{tree_uri}/{path}" for path in _dvc_listing(tree_uri) if path.startswith(under))
     if is_s3(prefix):
         bucket, key = _split(prefix)
         key = key.rstrip("/") + "/" if key else ""
@@ -128,6 +195,10 @@ def list_keys(prefix: str) -> list[str]:
 
 def list_children(prefix: str) -> list[str]:
     """Names directly under `prefix` (one level), sorted."""
+    if tree := dvc_tree(prefix):
+        tree_uri, rel = tree
+        under = rel.rstrip("/") + "/" if rel else ""
+        return sorted({path[len(under):].split("/")[0] for path in _dvc_listing(tree_uri) if path.startswith(under)})
     if is_s3(prefix):
         bucket, key = _split(prefix)
         key = key.rstrip("/") + "/" if key else ""
@@ -155,6 +226,7 @@ def newest_change(prefix: str) -> float | None:
 
 def delete(uri: str) -> None:
     """Remove one object or file; a missing one is not an error."""
+    _refuse_dvc_write(uri)
     if is_s3(uri):
         bucket, key = _split(uri)
         s3().delete_object(Bucket=bucket, Key=key)
@@ -164,6 +236,7 @@ def delete(uri: str) -> None:
 
 
 def delete_tree(prefix: str) -> None:
+    _refuse_dvc_write(prefix)
     if is_s3(prefix):
         keys = [_split(u)[1] for u in list_keys(prefix)]
         bucket = _split(prefix)[0]
@@ -213,6 +286,7 @@ def _local_lock(path: Path) -> Iterator[None]:
 def swap(uri: str, data: bytes, expected: str | None) -> bool:
     """Write `data` only if the object still matches `expected` (a token from `read_versioned`;
     None = must not exist). Returns False, writing nothing, when another writer got there first."""
+    _refuse_dvc_write(uri)
     if is_s3(uri):
         bucket, key = _split(uri)
         check_conditional_writes(bucket)

@@ -74,13 +74,26 @@ def git_commit() -> str:
 
 
 def data_version(prepared: str) -> str:
-    """Content hash of a prepared dataset's record files: changes whenever the data DVC tracks does."""
+    """DVC's version (`<md5>.dir`) of the prepared data: from its tree URI when steps read a DVC version in
+    place (the pipeline), or from dvc.lock when `dvc repro` produced it. Data DVC never saw is named by a
+    content hash of its record files instead, marked `unversioned-`."""
+    if tree := storage.dvc_tree(prepared):
+        return tree[0].rsplit("/", 2)[-2] + tree[0].rsplit("/", 1)[-1]
+    if Path("dvc.lock").is_file() and not storage.is_s3(prepared):
+        import yaml
+
+        lock = yaml.safe_load(Path("dvc.lock").read_text(encoding="utf-8")) or {}
+        wanted = Path(prepared).resolve()
+        for stage in (lock.get("stages") or {}).values():
+            for out in stage.get("outs", []):
+                if Path(out.get("path", "")).resolve() == wanted and out.get("md5"):
+                    return out["md5"]
     digest = hashlib.md5()
     for name in ("labels.json", "train.jsonl", "val.jsonl", "test.jsonl", "catalog.jsonl"):
         uri = storage.join(prepared, name)
         if storage.exists(uri):
             digest.update(name.encode() + b"\0" + storage.read_bytes(uri))
-    return digest.hexdigest()
+    return "unversioned-" + digest.hexdigest()
 
 
 def is_main_process() -> bool:
@@ -116,13 +129,16 @@ def pipeline_run(params: Params, name: str = "sicot-pipeline") -> Iterator[str]:
 
 
 @contextlib.contextmanager
-def step_run(step: str, params: Params, sections: tuple[str, ...] = ()) -> Iterator[object]:
-    """An MLflow run for one step: params of its sections logged once, tagged with commit and data.
+def step_run(step: str, params: Params, sections: tuple[str, ...] = (), reads_data: bool = True) -> Iterator[object]:
+    """An MLflow run for one step: params of its sections logged once, tagged with commit and the version
+    of the data it reads (`reads_data=False` for the step that makes the data: it has no version yet).
 
     Nested under the pipeline's parent run when one is active (`SICOT_PARENT_RUN_ID`).
     """
     mlflow = setup()
-    tags = {"step": step, "git_commit": git_commit(), "data_version": data_version(params.paths.prepared)}
+    tags = {"step": step, "git_commit": git_commit()}
+    if reads_data:
+        tags["data_version"] = data_version(params.paths.prepared)
     parent = os.environ.get(PARENT_ENV)
     if parent:
         tags["mlflow.parentRunId"] = parent

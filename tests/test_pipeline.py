@@ -77,6 +77,11 @@ def test_first_run_is_tracked_as_parent_and_child_runs(first_run):
     assert all(r.info.status == "FINISHED" for r in children.values())
     assert children["train_sicot"].data.metrics["val_top1"] >= 0.0
     assert children["evaluate_model"].data.metrics["sicot.tail.top1"] >= 0.0
+    # every step after prepare read one DVC version of the data, kept in the working directory's DVC cache
+    versions = {r.data.tags["data_version"] for step, r in children.items() if step != "prepare_data"}
+    assert len(versions) == 1 and re.fullmatch(r"[0-9a-f]{32}\.dir", version := versions.pop())
+    listing = workdir / "data/dvc-cache/files/md5" / version[:2] / version[2:]
+    assert {"train.jsonl", "labels.json"} <= {entry["relpath"] for entry in json.loads(listing.read_text())}
 
     champion = client.get_model_version_by_alias("sicot", "champion")
     assert str(champion.version) == "1"

@@ -187,7 +187,7 @@ class _ImageChecker:
 
     def __init__(self, root: str, verify: bool):
         self.root, self.verify = root, verify
-        self.local_root = None if storage.is_s3(root) else Path(root).resolve()
+        self.local_root = None if storage.is_s3(root) or storage.is_dvc_tree(root) else Path(root).resolve()
 
     def uri(self, image: str) -> str:
         return image if storage.is_s3(image) else storage.join(self.root, image)
@@ -234,7 +234,7 @@ def load_manifest(root: str, on_bad_record: str = "error", verify_images: bool =
     image_prefixes = tuple(image_prefixes)
     if bad_prefix := next((p for p in image_prefixes if not storage.is_s3(p) or _s3_key_problem(p + "/x")), None):
         raise ValueError(f"data.image_prefixes: {bad_prefix!r} is not an s3://bucket[/prefix] URI")
-    if not storage.is_s3(root) and not Path(root).is_dir():
+    if not storage.is_s3(root) and not storage.is_dvc_tree(root) and not Path(root).is_dir():
         raise DatasetError(root, [Problem(root, 0, "dataset directory not found")])
     fatal: list[Problem] = []
     bad: list[Problem] = []
