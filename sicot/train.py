@@ -1,9 +1,13 @@
 """The training engine: baseline (visual only) or SICoT (visual + title co-training), one code path.
 
 Reads `paths.prepared` (labels.json, train/val) and, for SICoT, `paths.word2vec`; writes
-`paths.models/<mode>/`: `checkpoint.pt` after every epoch (everything needed to resume), and at the end
-`model.pt` (the image-only `Recognizer`), `history.json` and, for SICoT, `text_encoder.pt` (for the
-attention view). Every file is written atomically and by rank 0 only.
+`paths.models/<mode>/`, a local path or an `s3://` URI, so a run's state outlives the machine it ran on:
+`checkpoint.pt` after every epoch (everything needed to resume, at the same or another world size), and
+at the end `model.pt` (the image-only `Recognizer`), `history.json` and, for SICoT, `text_encoder.pt`
+(for the attention view). Rank 0 writes each of these files atomically; a class-sharded classifier is
+checkpointed by every rank into its own directory, which checkpoint.pt names (`save_checkpoint`).
+With tracking on, the training run also carries model.pt, text_encoder.pt and history.json as artifacts
+under `model/` and the tag `sicot.mode`, so a step on another machine can take the model from MLflow.
 
 Distributed the plain way: `torchrun` sets RANK/WORLD_SIZE/LOCAL_RANK; without them the same code runs
 as a one-process group. DDP wraps the two encoders (`SICoT.streams`); the classifier stays outside it
@@ -22,6 +26,7 @@ import shutil
 import sys
 import tempfile
 import time
+import uuid
 from dataclasses import dataclass
 
 import numpy as np
@@ -208,11 +213,21 @@ def is_sharded(model: SICoT) -> bool:
     return not isinstance(model.classifier, ReplicatedClassifier)
 
 
+def new_classifier_dir(epoch: int) -> str:
+    """A directory name no earlier attempt used, the same on every rank: a save never writes into what
+    a killed run left behind, nor into what the current checkpoint.pt names."""
+    name = [f"classifier-{epoch}-{uuid.uuid4().hex[:8]}"]
+    dist.broadcast_object_list(name, src=0)
+    return name[0]
+
+
 def save_checkpoint(model: SICoT, optimizer, scheduler, epoch: int, history: list, expected: dict,
                     out_dir: str, d: Dist) -> None:
     """Collective. `checkpoint.pt` (rank 0) holds everything but a sharded classifier, which every rank
-    writes to `classifier-<epoch>/` first; the checkpoint names that directory and is written last, so
-    a kill at any point leaves a consistent pair behind."""
+    writes to a new `classifier-<epoch>-<id>/` first. checkpoint.pt names that directory and is written
+    last, in one atomic write (S3 has no directory rename): it is the commit point. Other classifier
+    directories (earlier epochs, a killed run's leftovers) are deleted only after it, so a kill at any
+    point leaves checkpoint.pt naming a complete directory."""
     rng = [None] * d.world_size
     dist.all_gather_object(rng, capture_rng())
     model_state, optim_state = model.state_dict(), optimizer.state_dict()
@@ -220,7 +235,7 @@ def save_checkpoint(model: SICoT, optimizer, scheduler, epoch: int, history: lis
     if is_sharded(model):
         from sicot.parallel import checkpoint as sharded_checkpoint
 
-        classifier_dir = f"classifier-{epoch}"
+        classifier_dir = new_classifier_dir(epoch)
         sharded_checkpoint.save(storage.join(out_dir, classifier_dir), model.classifier, optimizer)
         model_state = {k: v for k, v in model_state.items() if not k.startswith("classifier.")}
         owned = set(optim_state["param_groups"][CLASSIFIER_GROUP]["params"])
@@ -230,7 +245,7 @@ def save_checkpoint(model: SICoT, optimizer, scheduler, epoch: int, history: lis
                     "optimizer": optim_state, "scheduler": scheduler.state_dict(), "rng": rng,
                     "history": history, "classifier_dir": classifier_dir},
                    storage.join(out_dir, "checkpoint.pt"))
-        for old in storage.list_children(out_dir):  # sharded classifiers of earlier epochs
+        for old in storage.list_children(out_dir):
             if old.startswith("classifier-") and old != classifier_dir:
                 storage.delete_tree(storage.join(out_dir, old))
 
@@ -456,17 +471,31 @@ def main(params: Params, d: Dist, track: bool = True) -> dict:
                 mlflow.log_metrics({k: v for k, v in stats.items() if k != "epoch"}, step=epoch + 1)
         outputs = write_outputs(model, params, data, history, out_dir, d)
         if run is not None:
-            import mlflow
-
-            mlflow.log_dict(history, "history.json")
+            outputs["model_artifact"] = log_model_artifacts(outputs)
             outputs["run_id"] = run.info.run_id
     return outputs
 
 
-def tracking_run(params: Params):
+def log_model_artifacts(outputs: dict) -> str:
+    """Log model.pt, text_encoder.pt (SICoT) and history.json under `model/` of the active MLflow run;
+    returns model.pt's artifact path."""
     from sicot import tracking
 
-    return tracking.step_run("train_" + params.train.mode, params, sections=("data", "word2vec", "train"))
+    for key in ("model", "text_encoder", "history"):
+        if key in outputs:
+            tracking.log_file(outputs[key], tracking.MODEL_ARTIFACTS)
+    return f"{tracking.MODEL_ARTIFACTS}/model.pt"
+
+
+@contextlib.contextmanager
+def tracking_run(params: Params):
+    import mlflow
+
+    from sicot import tracking
+
+    with tracking.step_run("train_" + params.train.mode, params, sections=("data", "word2vec", "train")) as run:
+        mlflow.set_tag("sicot.mode", params.train.mode)
+        yield run
 
 
 def train(params: Params, track: bool = True) -> dict:

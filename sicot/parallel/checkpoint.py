@@ -7,12 +7,16 @@ optimizer state (Adam's step) is saved once. `meta.json` records the class count
 and class ranges; it is checked before anything is loaded, so a checkpoint of another model fails with
 a clear error and leaves the classifier and optimizer untouched.
 
-The directory must be on a filesystem every rank sees. It appears atomically: it is written under a
-temporary name and renamed when every rank has finished.
+The directory is a local path or an `s3://` URI. Every rank writes its own shard there through
+`torch.distributed.checkpoint` (s3fs for S3, which finds the endpoint and credentials where boto3 does:
+`AWS_ENDPOINT_URL`, `AWS_*` keys), so ranks on different machines need no shared disk. `meta.json` is
+removed first and written last, once every rank's shard and DCP's own `.metadata` are complete: a
+directory without it is no checkpoint. S3 has no directory rename, so a caller that switches between
+checkpoints writes each to a new directory and names it afterwards in one atomic write (as
+`sicot.train`'s checkpoint.pt does).
 """
 from __future__ import annotations
 
-import contextlib
 import json
 import warnings
 from pathlib import Path
@@ -23,8 +27,8 @@ import torch.distributed.checkpoint as dcp
 from torch.distributed.device_mesh import DeviceMesh
 from torch.distributed.tensor import DTensor, Shard
 
+from sicot import storage
 from sicot.parallel.sharded_classifier import ShardedClassifier, shard_range
-from sicot.storage import atomic_dir, write_text
 
 FORMAT = "sicot.sharded_classifier/1"
 META = "meta.json"
@@ -34,6 +38,10 @@ def _as_dtensor(local: torch.Tensor, clf: ShardedClassifier, mesh: DeviceMesh) -
     shape = (clf.num_classes, *local.shape[1:])
     stride = torch.empty(shape, device="meta").stride()
     return DTensor.from_local(local, mesh, [Shard(0)], run_check=False, shape=shape, stride=stride)
+
+
+def _meta_uri(ckpt_dir: str | Path) -> str:
+    return storage.join(str(ckpt_dir), META)
 
 
 def _mesh(clf: ShardedClassifier) -> DeviceMesh:
@@ -62,21 +70,24 @@ def save(ckpt_dir: str | Path, clf: ShardedClassifier, optimizer: torch.optim.Op
         "class_ranges": [shard_range(clf.num_classes, clf.world_size, r) for r in range(clf.world_size)],
         "dtype": str(clf.weight.dtype).removeprefix("torch."), "optimizer_state": kinds,
     }
-    with contextlib.ExitStack() as stack:
-        tmp = [str(stack.enter_context(atomic_dir(ckpt_dir))) if clf.rank == 0 else None]
-        dist.broadcast_object_list(tmp, group=clf.group, group_src=0)
-        dcp.save(state, checkpoint_id=tmp[0], process_group=clf.group)
-        if clf.rank == 0:
-            write_text(str(Path(tmp[0], META)), json.dumps(meta, indent=1) + "\n")
-    dist.barrier(clf.group)  # nobody returns before rank 0 has renamed the directory into place
+    ckpt_dir = str(ckpt_dir)
+    if clf.rank == 0:  # nothing of an earlier save (its meta.json above all) may outlive this one's start
+        storage.delete_tree(ckpt_dir)
+    dist.barrier(clf.group)
+    with warnings.catch_warnings():  # an S3 object is durable once its upload returns: no fsync to do
+        warnings.filterwarnings("ignore", message="fsync not supported")
+        dcp.save(state, checkpoint_id=ckpt_dir, process_group=clf.group)
+    if clf.rank == 0:  # dcp.save returns on rank 0 after every rank's shard and .metadata are written
+        storage.write_text(_meta_uri(ckpt_dir), json.dumps(meta, indent=1) + "\n")
+    dist.barrier(clf.group)  # nobody returns before the checkpoint is complete
 
 
 def read_metadata(ckpt_dir: str | Path) -> dict:
-    path = Path(ckpt_dir, META)
-    if not path.is_file():
-        raise FileNotFoundError(f"{path}: not a sharded classifier checkpoint (no {META})")
+    path = _meta_uri(ckpt_dir)
     try:
-        meta = json.loads(path.read_text())
+        meta = json.loads(storage.read_text(path))
+    except FileNotFoundError:
+        raise FileNotFoundError(f"{path}: not a sharded classifier checkpoint (no {META})") from None
     except (ValueError, UnicodeDecodeError) as exc:
         raise ValueError(f"{path}: damaged ({exc}); the sharded checkpoint cannot be used") from None
     if not isinstance(meta, dict) or meta.get("format") != FORMAT:
@@ -88,7 +99,7 @@ def read_metadata(ckpt_dir: str | Path) -> dict:
 def _check_compatible(ckpt_dir, meta: dict, clf: ShardedClassifier) -> None:
     for field, have in (("num_classes", clf.num_classes), ("dim", clf.dim)):
         if meta[field] != have:
-            raise ValueError(f"{Path(ckpt_dir, META)}: {field} is {meta[field]}, the classifier has {have}; "
+            raise ValueError(f"{_meta_uri(ckpt_dir)}: {field} is {meta[field]}, the classifier has {have}; "
                              "nothing was loaded")
 
 
