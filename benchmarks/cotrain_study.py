@@ -274,7 +274,6 @@ def main(argv: list[str] | None = None) -> None:
     if args.quick:
         common = ["data.skus=16", "data.brands=4", "data.categories=3", "data.max_images=20", "data.imbalance=10",
                   "data.image_size=16", "train.image_size=16", "train.epochs=2", "word2vec.epochs=2", *common]
-    from sicot.config import load_params
 
     threads = max(1, (os.cpu_count() or 2) // args.workers)
     if args.pretrained:

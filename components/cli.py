@@ -3,7 +3,9 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
+from pathlib import Path
 from typing import Any, Callable
 
 from sicot.config import ConfigError, Params, load_params, local_params_file
@@ -15,6 +17,7 @@ def parser(description: str) -> argparse.ArgumentParser:
                                      "else the built-in defaults)")
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="SECTION.KEY=VALUE",
                    help="override one parameter; repeatable, e.g. --set train.mode=baseline")
+    p.add_argument("--outputs", metavar="FILE", help="also write the step's outputs (JSON) to FILE")
     return p
 
 
@@ -25,10 +28,14 @@ def main(run: Callable[..., Any], description: str, argv: list[str] | None = Non
     if extra:
         extra(p)
     args = vars(p.parse_args(argv))
+    outputs_file = args.pop("outputs", None)
     try:
         params: Params = load_params(args.pop("params") or local_params_file(), args.pop("overrides"))
     except ConfigError as exc:
         p.error(str(exc))
     outputs = run(params, **args)
-    print(json.dumps(outputs, indent=2, ensure_ascii=False, default=str))
+    text = json.dumps(outputs, indent=2, ensure_ascii=False, default=str)
+    if outputs_file and int(os.environ.get("RANK", "0")) == 0:  # under torchrun: one writer
+        Path(outputs_file).write_text(text + "\n", encoding="utf-8")
+    print(text)
     sys.stdout.flush()

@@ -12,7 +12,6 @@ from __future__ import annotations
 import json
 import sys
 import time
-from pathlib import Path
 
 from sicot import storage
 from sicot.config import Params
@@ -30,7 +29,7 @@ def _log_to_mlflow(params: Params, stats: dict, reports: str) -> None:
         mlflow.log_metrics({f"images_{k}": float(v) for k, v in stats["images"].items()})
         mlflow.log_metric("title_vocab_tail_shared_with_head", stats["title_vocab"]["tail_shared_with_head"])
         for name in ("data_stats.json", "long_tail.png", "dropped_records.jsonl"):
-            mlflow.log_artifact(str(Path(reports, name)))
+            tracking.log_file(storage.join(reports, name))
 
 
 def run(params: Params, track: bool = True) -> dict:

@@ -75,7 +75,8 @@ def champion_version(name: str) -> str | None:
 
 def run(params: Params, dry_run: bool = False, lock_wait_s: float = LOCK_WAIT_S) -> dict:
     name, mode = params.promote.model_name, params.promote.candidate
-    model_path = storage.join(params.paths.models, mode, "model.pt")
+    model_dir = tracking.trained_models(params).get(mode, storage.join(params.paths.models, mode))
+    model_path = storage.join(model_dir, "model.pt")
     metrics_path = storage.join(params.paths.reports, mode, "metrics.json")
     for path in (model_path, metrics_path):
         if not storage.exists(path):

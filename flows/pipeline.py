@@ -28,7 +28,9 @@ from components import evaluate_model, prepare_data, promote_model, train_word2v
 from flows.publish import publish
 from flows.retries import io_retries
 from flows.train import launch
-from sicot.config import Params, load_params
+from sicot import storage
+from sicot.config import Params, load_params, local_params_file
+from sicot.tracking import PARENT_ENV
 
 CACHED = {"cache_policy": INPUTS + TASK_SOURCE, "persist_result": True}
 IO_RETRIES = io_retries(2, 5)
@@ -52,18 +54,42 @@ def reading(settings: dict, **versions: dict) -> dict:
     return {**settings, "paths": {**settings["paths"], **{name: v["version"]["uri"] for name, v in versions.items()}}}
 
 
-@task(name="train_model", task_run_name="train_{mode}", **CACHED)
+MODES = ("baseline", "sicot")
+
+
+@task(name="train_model", task_run_name="train_{mode}", retries=1, **CACHED)
 def train(settings: dict, workdir: str, mode: str, data: dict, vectors: dict | None, deployment: str = "",
-          overrides: list[str] | None = None) -> dict:
+          overrides: list[str] | None = None, nodes: int = 1, master: str = "") -> dict:
+    """Train `mode` here, or as `nodes` flow runs of `deployment`; a retry (a lost pod) resumes from the
+    last checkpoint in `paths.models`."""
+    from prefect.runtime import task_run
+
+    resume = task_run.run_count > 1
     if not deployment:
-        return launch(Params.from_dict(settings), mode, workdir)
+        params = Params.from_dict(settings)
+        params.train.resume = params.train.resume or resume
+        return launch(params, mode)
     from prefect.deployments import run_deployment
+    from prefect.flow_runs import wait_for_flow_run
 
     # The pod reads its image's params.yaml; the run's overrides travel as parameters.
-    run = run_deployment(deployment, parameters={"mode": mode, "overrides": overrides or []})
-    if not run.state.is_completed():
-        raise RuntimeError(f"train_{mode} ({deployment}, flow run {run.id}) ended {run.state.name}: {run.state.message}")
-    return run.state.result()
+    parameters = {"mode": mode, "overrides": [*(overrides or []), *(["train.resume=true"] if resume else [])],
+                  "parent_run_id": os.environ.get(PARENT_ENV, "")}
+    per_node = [{}]
+    if nodes > 1 and not master:  # a deployment that starts every node itself (sicot-train-job: an Indexed Job)
+        parameters["nnodes"] = nodes
+    elif nodes > 1:  # a flow run per node; node 0 of each training listens on its own port: both run at once
+        host, _, port = master.rpartition(":")
+        port = int(port) + MODES.index(mode) + 2 * (task_run.run_count - 1)  # a retry: fresh ports
+        parameters |= {"nnodes": nodes, "master_addr": host, "master_port": port}
+        per_node = [{"node_rank": k} for k in range(nodes)]
+    started = [run_deployment(deployment, parameters=parameters | node, timeout=0) for node in per_node]
+    runs = [wait_for_flow_run(run.id, timeout=None, log_states=True) for run in started]
+    failed = [f"flow run {run.id} ended {run.state.name}: {run.state.message}" for run in runs
+              if not run.state.is_completed()]
+    if failed:
+        raise RuntimeError(f"train_{mode} ({deployment}): " + "; ".join(failed))
+    return runs[0].state.result()
 
 
 @task(name="evaluate_model", **CACHED)
@@ -77,18 +103,24 @@ def promote(settings: dict, evaluation: dict) -> dict:
 
 
 @flow(name="sicot-pipeline", log_prints=True)
-def pipeline(overrides: list[str] | None = None, params_file: str = "params.yaml",
-             promote_and_publish: bool = True, refresh: bool = False, train_deployment: str = "") -> dict:
+def pipeline(overrides: list[str] | None = None, params_file: str = "",
+             promote_and_publish: bool = True, refresh: bool = False, train_deployment: str = "",
+             train_nodes: int = 1, train_master: str = "", shard_deployment: str = "") -> dict:
     """Train the visual-only baseline and the co-trained model on the same data and compare them.
 
     overrides: `section.key=value` strings, exactly as `--set` takes them (e.g. `train.epochs=4`).
+    params_file: a params file; empty = ./params.yaml when there is one, else the built-in defaults.
     train_deployment: e.g. `sicot-train/k8s-gpu` to train each model in its own GPU pod.
+    train_nodes: nodes per training (torchrun `--nnodes`). With `train_master`, each node is a flow run of
+        `train_deployment`; without, `train_deployment` starts them all (`sicot-train-job/k8s`: an Indexed Job).
+    train_master: `host:port` where node 0 of the baseline listens (the co-trained model's uses port + 1).
+    shard_deployment: e.g. `sicot-publish-shard/k8s-gpu` to build each index shard in its own GPU pod.
     """
     from sicot import tracking
 
     overrides = list(overrides or [])
     workdir = str(Path.cwd())
-    params = load_params(params_file, overrides)
+    params = load_params(params_file or local_params_file(), overrides)
     settings = params.to_dict()  # the resolved params: what the cache keys on
     opts = {"refresh_cache": True} if refresh else {}
     with tracking.pipeline_run(params) as parent_run:
@@ -97,10 +129,10 @@ def pipeline(overrides: list[str] | None = None, params_file: str = "params.yaml
         settings = reading(settings, prepared=data, word2vec=vectors)
         located = [*overrides, *(f"paths.{k}={v}" for k, v in settings["paths"].items() if k in ("prepared", "word2vec"))]
         runs = [train.with_options(**opts).submit(settings, workdir, mode, data, vectors if mode == "sicot" else None,
-                                                  train_deployment, located)
-                for mode in ("baseline", "sicot")]
+                                                  train_deployment, located, train_nodes, train_master)
+                for mode in MODES]
         wait(runs)
-        failed = [f"train_{mode}: {run.state.message}" for mode, run in zip(("baseline", "sicot"), runs)
+        failed = [f"train_{mode}: {run.state.message}" for mode, run in zip(MODES, runs)
                   if not run.state.is_completed()]
         if failed:
             raise RuntimeError("training failed: " + "; ".join(failed))
@@ -108,9 +140,9 @@ def pipeline(overrides: list[str] | None = None, params_file: str = "params.yaml
         outputs = {"mlflow_run": parent_run, "evaluation": report}
         if promote_and_publish:
             outputs["promotion"] = promote(settings, report)
-            outputs["index"] = publish(located, params_file)
-    table = Path(params.paths.reports, "comparison.md")
-    markdown = table.read_text(encoding="utf-8") if table.exists() else "(no comparison: one model trained)"
+            outputs["index"] = publish(located, params_file, shard_deployment)
+    table = storage.join(params.paths.reports, "comparison.md")
+    markdown = storage.read_text(table) if storage.exists(table) else "(no comparison: one model trained)"
     create_markdown_artifact(markdown + "\n\n" + _links(parent_run), key="sicot-comparison",
                              description="Baseline vs co-training, overall / head / tail")
     print(markdown)
@@ -134,7 +166,7 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--no-promote", action="store_true", help="stop after evaluation")
     p.add_argument("--refresh", action="store_true", help="ignore cached step results")
     args = p.parse_args(argv)
-    pipeline(overrides=args.overrides, params_file=args.params, promote_and_publish=not args.no_promote,
+    pipeline(overrides=args.overrides, params_file=args.params or "", promote_and_publish=not args.no_promote,
              refresh=args.refresh)
     from sicot import tracking
 

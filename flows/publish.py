@@ -12,7 +12,7 @@ from prefect.futures import wait
 
 from components import publish_index
 from flows.retries import io_retries
-from sicot.config import load_params
+from sicot.config import load_params, local_params_file
 
 IO_RETRIES = io_retries(2, 10)
 
@@ -21,7 +21,7 @@ IO_RETRIES = io_retries(2, 10)
 def build_shard(params_file: str, overrides: list[str], shard: int, shard_deployment: str = "") -> dict:
     shard_overrides = [*overrides, f"publish.shard={shard}"]
     if not shard_deployment:
-        return publish_index.run(load_params(params_file, shard_overrides))
+        return publish_index.run(load_params(params_file or local_params_file(), shard_overrides))
     from prefect.deployments import run_deployment
 
     run = run_deployment(shard_deployment, parameters={"overrides": shard_overrides, "params_file": params_file})
@@ -33,14 +33,17 @@ def build_shard(params_file: str, overrides: list[str], shard: int, shard_deploy
 
 @task(name="publish_index_version", **IO_RETRIES)
 def merge(params_file: str, overrides: list[str]) -> dict:
-    return publish_index.run(load_params(params_file, overrides), merge=True)
+    return publish_index.run(load_params(params_file or local_params_file(), overrides), merge=True)
 
 
 @flow(name="sicot-publish")
-def publish(overrides: list[str] | None = None, params_file: str = "params.yaml", shard_deployment: str = "") -> dict:
-    """Build every shard of the champion's product index, then publish it atomically."""
+def publish(overrides: list[str] | None = None, params_file: str = "", shard_deployment: str = "") -> dict:
+    """Build every shard of the champion's product index, then publish it atomically.
+
+    params_file: a params file; empty = ./params.yaml when there is one, else the built-in defaults.
+    """
     overrides = list(overrides or [])
-    params = load_params(params_file, overrides)
+    params = load_params(params_file or local_params_file(), overrides)
     if not params.publish.model_version:  # every shard embeds with the same model version
         overrides.append(f"publish.model_version={publish_index.champion_version(params.promote.model_name)}")
     shards = params.publish.shards
@@ -53,6 +56,6 @@ def publish(overrides: list[str] | None = None, params_file: str = "params.yaml"
 
 
 @flow(name="sicot-publish-shard")
-def publish_shard(overrides: list[str], params_file: str = "params.yaml") -> dict:
+def publish_shard(overrides: list[str], params_file: str = "") -> dict:
     """One shard (`publish.shard` in overrides): the unit a GPU pod runs."""
-    return publish_index.run(load_params(params_file, overrides))
+    return publish_index.run(load_params(params_file or local_params_file(), overrides))

@@ -1,46 +1,68 @@
-"""Training as its own flow, so it can be deployed to a GPU work pool (one pod, `train.nproc` GPUs).
+"""Training as its own flow, so it can be deployed to a GPU work pool (one pod = one node, `train.nproc`
+GPUs). Several nodes: one flow run per node (`nnodes`, `node_rank`, the rendezvous of node 0 in
+`master_addr`/`master_port`), or one Kubernetes Indexed Job for all of them (flows/train_job.py).
 
-The component runs in a child process — through `torchrun` when `train.nproc` > 1 — because it owns
-a process group and devices; its JSON outputs (last thing it prints) become the flow's result.
+The component runs in a child process — through `torchrun` when there is more than one process — because
+it owns a process group and devices, in a fresh empty working directory: a node finds its data, word
+vectors and checkpoints through `paths.*` (S3 on a cluster), never on a disk another step wrote.
 """
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import subprocess
 import sys
 import tempfile
+from pathlib import Path
 
 import yaml
 from prefect import flow, get_run_logger
 
-from sicot.config import Params, load_params
+from sicot.config import Params, load_params, local_params_file
+from sicot.tracking import PARENT_ENV, tracking_uri
 
 
-def launch(params: Params, mode: str, workdir: str | None = None) -> dict:
-    """Run the training component on exactly `params` (written to a temporary params file)."""
-    with tempfile.NamedTemporaryFile("w", suffix=".yaml", delete=False) as fh:
-        yaml.safe_dump(params.to_dict(), fh, allow_unicode=True)
-    try:
-        return _run(fh.name, params.train.nproc, mode, workdir)
-    finally:
-        os.unlink(fh.name)
-
-
-def _run(params_file: str, nproc: int, mode: str, workdir: str | None) -> dict:
-    args = ["-m", "components.train_model", "--params", params_file, "--set", f"train.mode={mode}"]
-    if nproc > 1:
-        args = ["-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={nproc}", *args[1:]]
-    cmd = [sys.executable, *args]
-    get_run_logger().info("running %s", " ".join(cmd))
-    proc = subprocess.run(cmd, capture_output=True, text=True, cwd=workdir, env=os.environ.copy())
-    if proc.returncode != 0:
-        raise RuntimeError(f"train_model ({mode}) failed with exit code {proc.returncode}:\n{proc.stderr[-4000:]}")
-    start = proc.stdout.rfind("\n{")
-    return json.loads(proc.stdout[start + 1:] if start >= 0 else proc.stdout)
+def launch(params: Params, mode: str, nnodes: int = 1, node_rank: int = 0, master_addr: str = "",
+           master_port: int = 29500) -> dict:
+    """Run the training component on exactly `params`, as node `node_rank` of `nnodes`. Relative local
+    paths and the embedded MLflow store stay those of the caller's working directory."""
+    params = dataclasses.replace(params, paths=params.paths.anchored(Path.cwd()))
+    env = {**os.environ, "MLFLOW_TRACKING_URI": tracking_uri()}
+    with tempfile.TemporaryDirectory(prefix=f"sicot-train-{mode}-") as workdir:
+        params_file, outputs_file = Path(workdir, "params.yaml"), Path(workdir, "outputs.json")
+        params_file.write_text(yaml.safe_dump(params.to_dict(), allow_unicode=True), encoding="utf-8")
+        args = ["-m", "components.train_model", "--params", str(params_file), "--set", f"train.mode={mode}",
+                "--outputs", str(outputs_file)]
+        if nnodes > 1:
+            args = ["-m", "torch.distributed.run", f"--nnodes={nnodes}", f"--node-rank={node_rank}",
+                    f"--master-addr={master_addr}", f"--master-port={master_port}",
+                    f"--nproc-per-node={params.train.nproc}", *args[1:]]
+        elif params.train.nproc > 1:
+            args = ["-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={params.train.nproc}", *args[1:]]
+        cmd = [sys.executable, *args]
+        get_run_logger().info("running %s in %s", " ".join(cmd), workdir)
+        proc = subprocess.run(cmd, capture_output=True, text=True, cwd=workdir, env=env)
+        if proc.returncode != 0:
+            raise RuntimeError(f"train_model ({mode}) failed with exit code {proc.returncode}:\n{proc.stderr[-4000:]}")
+        # only the node holding global rank 0 writes outputs
+        return json.loads(outputs_file.read_text()) if outputs_file.exists() else {"mode": mode, "node_rank": node_rank}
 
 
 @flow(name="sicot-train")
-def train(mode: str = "sicot", overrides: list[str] | None = None, params_file: str = "params.yaml") -> dict:
-    """Train one model (`baseline` or `sicot`) with the given `section.key=value` overrides."""
-    return launch(load_params(params_file, list(overrides or [])), mode)
+def train(mode: str = "sicot", overrides: list[str] | None = None, params_file: str = "",
+          parent_run_id: str = "", nnodes: int = 1, node_rank: int = 0, master_addr: str = "",
+          master_port: int = 29500) -> dict:
+    """Train one model (`baseline` or `sicot`) with `section.key=value` overrides; with `nnodes` > 1, be
+    node `node_rank` of a multi-node run whose node 0 listens on `master_addr:master_port`.
+
+    parent_run_id: the pipeline's MLflow run, so this training is logged as its child.
+    """
+    if parent_run_id:
+        os.environ[PARENT_ENV] = parent_run_id
+    elif "MLFLOW_TRACKING_URI" not in os.environ:
+        from sicot.tracking import setup
+
+        setup()  # the embedded store's experiment keeps its artifacts here, not in the node's directory
+    params = load_params(params_file or local_params_file(), list(overrides or []))
+    return launch(params, mode, nnodes, node_rank, master_addr, master_port)

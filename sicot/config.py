@@ -37,6 +37,13 @@ class Paths:
     index: str = "index_store"
     dvc_remote: str = ""
 
+    def anchored(self, base: str | Path) -> "Paths":
+        """These locations with relative local paths made absolute against `base`, for a process that
+        works in another directory."""
+        def anchor(value: str) -> str:
+            return value if not value or "://" in value or Path(value).is_absolute() else str(Path(base, value).resolve())
+        return Paths(**{f.name: anchor(getattr(self, f.name)) for f in dataclasses.fields(self)})
+
 
 @dataclass
 class Data:

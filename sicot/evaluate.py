@@ -16,6 +16,7 @@ import hashlib
 import html
 import io
 import json
+import os
 from typing import Sequence
 
 import numpy as np
@@ -189,12 +190,6 @@ def csv_text(rows: list[dict]) -> str:
 
 # --- the step -----------------------------------------------------------------------------------------
 
-def trained_models(models_root: str) -> list[str]:
-    """Names of the model directories under `models_root` that hold a finished `model.pt`."""
-    return [name for name in storage.list_children(models_root)
-            if storage.exists(storage.join(models_root, name, "model.pt"))]
-
-
 def score(model_uri: str, params: Params, manifest, device: torch.device):
     """(recognizer, top-3 class indices [N, 3], labels [N], training images per class) on the test split."""
     from sicot.data.dataset import ProductDataset
@@ -228,9 +223,8 @@ def evaluate_model_file(model_uri: str, params: Params, name: str = "candidate")
     return summarize(name, topk, labels, counts, params.evaluate.head_threshold)
 
 
-def report_model(name: str, params: Params, manifest, device: torch.device) -> dict:
-    """Evaluate `paths.models/<name>` and write its reports; returns metrics.json's content."""
-    model_dir = storage.join(params.paths.models, name)
+def report_model(name: str, model_dir: str, params: Params, manifest, device: torch.device) -> dict:
+    """Evaluate the model in `model_dir` and write its reports; returns metrics.json's content."""
     model_uri = storage.join(model_dir, "model.pt")
     digest = model_sha256(model_uri)
     recognizer, topk, labels, counts = score(model_uri, params, manifest, device)
@@ -269,15 +263,16 @@ def evaluate_all(params: Params, track: bool = True, only: str | None = None) ->
     from sicot.data.manifest import load_manifest
     from sicot.train import pick_device
 
-    names = trained_models(params.paths.models)
-    if only is not None:
-        names = [n for n in names if n == only]
-    if not names:
-        raise EvaluationError(f"no trained model{f' {only!r}' if only else ''} under {params.paths.models} "
-                              "(looked for */model.pt); run train_model first")
+    from sicot import tracking
+
+    models = {name: where for name, where in tracking.trained_models(params).items() if only in (None, name)}
+    if not models:
+        where = (f"in pipeline run {os.environ[tracking.PARENT_ENV]}" if os.environ.get(tracking.PARENT_ENV)
+                 else f"under {params.paths.models} (looked for */model.pt)")
+        raise EvaluationError(f"no trained model{f' {only!r}' if only else ''} {where}; run train_model first")
     manifest = load_manifest(params.paths.prepared, verify_images=False)
     device = pick_device(params.train.device)
-    results = {name: report_model(name, params, manifest, device) for name in names}
+    results = {name: report_model(name, where, params, manifest, device) for name, where in sorted(models.items())}
     outputs = {"models": results, "reports": params.paths.reports}
     table = write_comparison(params) if only is None else None
     if table is not None:
@@ -312,8 +307,7 @@ def log_to_mlflow(params: Params, results: dict, table: dict | None) -> str:
             flat.update({f"{name}.{g}.{m}": metrics[g][m] for g in GROUPS for m in ("top1", "top3")})
             mlflow.log_metrics(flat)
             for key in storage.list_keys(storage.join(params.paths.reports, name)):
-                if not storage.is_s3(key):
-                    mlflow.log_artifact(key, artifact_path=name)
+                tracking.log_file(key, artifact_path=name)
         if table is not None:
             mlflow.log_dict(table, "comparison.json")
         return run.info.run_id

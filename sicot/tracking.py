@@ -8,6 +8,7 @@ mlflow is imported inside functions: it costs seconds of import time that most C
 from __future__ import annotations
 
 import contextlib
+import functools
 import hashlib
 import os
 import re
@@ -145,6 +146,57 @@ def step_run(step: str, params: Params, sections: tuple[str, ...] = (), reads_da
     with mlflow.start_run(run_name=step, tags=tags) as run:
         mlflow.log_params(params.flat(*sections) if sections else params.flat())
         yield run
+
+
+def log_file(uri: str, artifact_path: str | None = None) -> None:
+    """`mlflow.log_artifact` for a local path or an s3:// object (fetched to a temporary file first)."""
+    import tempfile
+
+    import mlflow
+
+    if not storage.is_s3(uri) and not storage.is_dvc_tree(uri):
+        mlflow.log_artifact(uri, artifact_path)
+        return
+    with tempfile.TemporaryDirectory(prefix="sicot-artifact-") as tmp:
+        local = Path(tmp, uri.rstrip("/").rsplit("/", 1)[-1])
+        local.write_bytes(storage.read_bytes(uri))
+        mlflow.log_artifact(str(local), artifact_path)
+
+
+MODEL_ARTIFACTS = "model"  # where training logs model.pt (and text_encoder.pt) in its run
+
+
+def trained_models(params: Params) -> dict[str, str]:
+    """{mode: directory holding its model.pt} of the trained models a step should use.
+
+    Inside a pipeline run (`SICOT_PARENT_RUN_ID`) the models travel through MLflow: the artifacts of the
+    run's newest finished `train_<mode>` children, downloaded, wherever those trainings ran. Otherwise
+    (a DVC stage, a step run by hand) they are the directories under `paths.models`."""
+    parent = os.environ.get(PARENT_ENV)
+    if not parent:
+        root = params.paths.models
+        return {name: storage.join(root, name) for name in storage.list_children(root)
+                if storage.exists(storage.join(root, name, "model.pt"))}
+    mlflow = setup()
+    runs = mlflow.search_runs(filter_string=f"tags.mlflow.parentRunId = '{parent}' and attributes.status = 'FINISHED'",
+                              order_by=["attributes.start_time DESC"], output_format="list")
+    found = {}
+    for run in runs:
+        mode = run.data.tags.get("sicot.mode")
+        if mode and mode not in found:
+            found[mode] = _downloaded(run.info.run_id)
+    return found
+
+
+@functools.cache
+def _downloaded(run_id: str) -> str:
+    """A training run's model files in a local directory (once per process)."""
+    import tempfile
+
+    from mlflow.artifacts import download_artifacts
+
+    target = tempfile.mkdtemp(prefix=f"sicot-model-{run_id[:8]}-")
+    return download_artifacts(run_id=run_id, artifact_path=MODEL_ARTIFACTS, dst_path=target)
 
 
 def promotion_decision(candidate: dict, champion: dict | None, max_tail_drop: float) -> tuple[bool, str]:

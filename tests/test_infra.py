@@ -260,3 +260,27 @@ def test_images_in_manifests_are_the_ones_the_dockerfiles_build():
     used = {c["image"] for _, d in workloads() for c in pod_spec(d)["containers"]}
     used.add(json.loads(TEMPLATE.read_text())["variables"]["properties"]["image"]["default"])
     assert used == built
+
+
+def test_the_train_job_flow_renders_a_valid_indexed_job_for_its_parameters():
+    from flows.train_job import render
+
+    service, job = render("sicot-train-sicot-1a2b3c4d", nnodes=3, gpus_per_node=8, mode="sicot",
+                          overrides=["train.epochs=4", "train.resume=true"], parent_run_id="abc123")
+    assert service["spec"]["selector"] == {"batch.kubernetes.io/job-name": "sicot-train-sicot-1a2b3c4d"}
+    assert job["spec"]["completions"] == job["spec"]["parallelism"] == 3
+    pod = pod_spec(job)
+    container = pod["containers"][0]
+    assert pod["subdomain"] == service["metadata"]["name"] == job["metadata"]["name"]
+    assert container["resources"]["limits"]["nvidia.com/gpu"] == "8"
+    args = container["args"]
+    assert args[:5] == ["--nnodes=3", "--nproc-per-node=8", "--node-rank=$(JOB_COMPLETION_INDEX)",
+                        "--master-addr=sicot-train-sicot-1a2b3c4d-0.sicot-train-sicot-1a2b3c4d", "--master-port=29500"]
+    params = load_params(None, set_overrides(args))
+    assert (params.train.mode, params.train.nproc, params.train.epochs, params.train.resume) == ("sicot", 8, 4, True)
+    assert {"name": "SICOT_PARENT_RUN_ID", "value": "abc123"} in container["env"]
+    assert not [v for v in pod.get("volumes", []) if v["name"] == "models"]  # checkpoints go to S3, not the pod
+    import kubernetes_validate
+
+    for doc in (service, job):
+        kubernetes_validate.validate(doc, "1.30", strict=True)
