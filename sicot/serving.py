@@ -1,12 +1,13 @@
 """The online recognition service: an MLflow pyfunc that maps query images to SKUs with product facts.
 
-Served by `mlflow models serve -m models:/sicot@champion --env-manager local`. Input: a binary column
-`image` (base64 in MLflow's `dataframe_split` / `inputs` JSON bodies). Output, one entry per image:
-`{"status": "ok" | "no_match" | "error", "matches": [{sku, score, title, tags, image}], "new_arrivals":
-[...], "index_version": ...}`. A bad image gets a per-image error instead of failing its neighbours; a
-request that is malformed as a whole (empty, too many images, no `image` column, base64 MLflow cannot
-decode) is refused with a 400 response. Below `min_score` the answer is "no match" rather than a wrong
-product.
+Served by `python -m sicot.serving_app --model models:/sicot@champion` (MLflow's scoring app behind a
+request-body limit) or `mlflow models serve -m models:/sicot@champion --env-manager local`. Input: a
+binary column `image` (base64 in MLflow's `dataframe_split` / `inputs` JSON bodies). Output, one entry
+per image: `{"status": "ok" | "no_match" | "error", "matches": [{sku, score, title, tags, image}],
+"new_arrivals": [...], "index_version": ...}`. A bad image gets a per-image error instead of failing its
+neighbours; a request that is malformed as a whole (empty, too many images or pixels, no `image`
+column, base64 MLflow cannot decode) is refused with a 400 response. Below `min_score` the answer is
+"no match" rather than a wrong product.
 
 New arrivals are catalog SKUs the classifier was never trained on (class_index -1 in the index). The
 classifier cannot name them, so every answer also lists the nearest of them by image-embedding cosine,
@@ -14,23 +15,51 @@ above `min_similarity`, with the same facts; the list is empty when the index ho
 
 The product facts come from the index version that `index/CURRENT` named when the service loaded;
 every answer says which version that was.
+
+Limits on hostile input (`serve.*`, logged in the model's config): the image count (`max_images`) and
+every image's header (`formats`, an allow-list handed to Pillow so other parsers never run;
+`max_pixels` per image; `max_request_pixels` for the request as a whole) are checked before any image
+is decoded, and at most `max_decodes` images are decoded at once in a worker, so its decode memory is
+bounded whatever the number of clients; a JPEG is decoded at reduced scale (`JPEG_MARGIN`). The
+request-body limit (`max_request_bytes`) is the HTTP server's: `sicot.serving_app`.
+
+The model is logged from code, not pickled: its code file is `served_model.py`, a stub that imports
+this installed package, and `verify_model_code` refuses a model whose copy of it differs by sha256.
+MLflow executes that file when it loads the model, so the check in `load_context` runs after it: it
+stops accidental or unsanctioned changes that still load this service; only the check made before
+loading (`python -m sicot.serving_app` does it on the downloaded copy before any worker starts) keeps
+altered code from running at all.
 """
 from __future__ import annotations
 
 import binascii
+import dataclasses
+import hashlib
 import logging
 import os
+import threading
+from pathlib import Path
 from typing import Any
 
-from sicot.data.images import ImageError
+from sicot.data.images import FormatNotAccepted, ImageError, decode_opened, open_image, to_tensor
 
 log = logging.getLogger(__name__)
 
 INDEX_ENV = "SICOT_INDEX_ROOT"  # overrides the index root baked in at registration
+STUB = Path(__file__).with_name("served_model.py")  # the code file every logged service runs
+CODE_LOADER = "mlflow.pyfunc.loaders.code_model"  # MLflow's loader for models logged from code
+# A JPEG is decoded at reduced scale but keeps at least this many times the model's input size per side:
+# measured on photos at 32, 64 and 224 pixels, the model input then differs from a full decode's by at
+# most 2/255 (mean 0.12/255); at 1x the margin it differed by up to 66/255.
+JPEG_MARGIN = 8
 
 
 class RequestError(ValueError):
     """A request that cannot be answered at all (refused with a 400 by the scoring server)."""
+
+
+class ModelCodeError(RuntimeError):
+    """A logged model whose code is not exactly this package's stub: it is not served."""
 
 
 def _base64_text_decoded(value: Any) -> Any:
@@ -49,20 +78,31 @@ def _bad_request(message: str) -> Exception:
     from mlflow.exceptions import MlflowException
     from mlflow.protos.databricks_pb2 import INVALID_PARAMETER_VALUE
 
-    return MlflowException(message, error_code=INVALID_PARAMETER_VALUE)
+    class Refused(MlflowException):
+        """Keeps the message it was given: MLflow's scoring server would prefix it with the repr of the whole
+        input (`Failed to predict data '<the DataFrame, image bytes and all>'`)."""
+
+        def __setattr__(self, name, value):
+            if name != "message" or "message" not in self.__dict__:
+                super().__setattr__(name, value)
+
+    return Refused(message, error_code=INVALID_PARAMETER_VALUE)
 
 
 class Recognition:
     """Model + index + limits, independent of MLflow so it can be used and tested directly."""
 
     def __init__(self, model_path: str, index_root: str | None, top_k: int = 3, min_score: float = 0.2,
-                 max_images: int = 64, max_pixels: int = 16_000_000, min_similarity: float = 0.5):
+                 max_images: int = 64, max_pixels: int = 16_000_000, min_similarity: float = 0.5,
+                 max_request_pixels: int = 64_000_000, max_decodes: int = 2, formats: str = "JPEG,PNG,WEBP"):
         from sicot import index
         from sicot.model.recognizer import Recognizer
 
         self.model = Recognizer.load(model_path)  # its topk/embed run without autograd
         self.top_k, self.min_score, self.min_similarity = top_k, min_score, min_similarity
-        self.max_images, self.max_pixels = max_images, max_pixels
+        self.max_images, self.max_pixels, self.max_request_pixels = max_images, max_pixels, max_request_pixels
+        self.formats = accepted_formats(formats)
+        self.decodes = threading.BoundedSemaphore(max_decodes)
         self.index = None
         if index_root and index.read_current(index_root)[0] is None:
             log.warning("no product index published under %s yet: answers carry SKU ids only", index_root)
@@ -99,22 +139,30 @@ class Recognition:
         sku = self.model.classes[class_idx]
         return self.facts.get(sku) or {"sku": sku, "title": None, "tags": [], "image": None}
 
-    def recognise(self, images: list[Any]) -> list[dict]:
-        if not images:
+    def check_count(self, count: int) -> None:
+        if not count:
             raise RequestError("empty request: send at least one image in the `image` column")
-        if len(images) > self.max_images:
-            raise RequestError(f"{len(images)} images in one request; at most {self.max_images} (serve.max_images)")
+        if count > self.max_images:
+            raise RequestError(f"{count} images in one request; at most {self.max_images} (serve.max_images)")
+
+    def recognise(self, images: list[Any]) -> list[dict]:
+        self.check_count(len(images))
         answers: list[dict | None] = [None] * len(images)
-        batch, rows = [], []
+        opened = {}
         for row, data in enumerate(images):
-            if not isinstance(data, (bytes, bytearray)):
-                answers[row] = self._error(f"image {row}: expected image bytes, got {type(data).__name__}")
-                continue
             try:
-                batch.append(self.model.prepare([bytes(data)], max_pixels=self.max_pixels)[0])
-                rows.append(row)
+                opened[row] = self._open(data)
             except ImageError as exc:
                 answers[row] = self._error(f"image {row}: {exc}")
+        self._check_request_pixels(opened)
+        batch, rows = [], []
+        for row in list(opened):
+            img = opened.pop(row)  # dropped once decoded: one full-size image at a time per request
+            try:
+                batch.append(self._pixels(img))
+                rows.append(row)
+            except ImageError as exc:
+                answers[row] = self._error(f"image {row}: {_described(img)}: {exc}")
         if batch:
             import torch
 
@@ -131,9 +179,104 @@ class Recognition:
                                 "new_arrivals": new, "index_version": self.index_version}
         return answers
 
+    def _open(self, data: Any):
+        """The image with only its header read, refused unless its format and size are allowed."""
+        if not isinstance(data, (bytes, bytearray)):
+            raise ImageError(f"expected image bytes, got {type(data).__name__}")
+        try:
+            img = open_image(bytes(data), self.formats)
+        except FormatNotAccepted as exc:
+            raise ImageError(f"{exc} (serve.formats)") from None
+        if _pixel_count(img) > self.max_pixels:
+            raise ImageError(f"{_described(img)}, over the limit of {self.max_pixels} pixels per image "
+                             "(serve.max_pixels)")
+        return img
+
+    def _check_request_pixels(self, opened: dict) -> None:
+        total = sum(_pixel_count(img) for img in opened.values())
+        if total > self.max_request_pixels:
+            raise RequestError(f"{len(opened)} images of {total} pixels in all; at most {self.max_request_pixels} "
+                               "pixels per request (serve.max_request_pixels)")
+
+    def _pixels(self, img):
+        """The model input for one opened image. At most `max_decodes` run at once in this process: the
+        full-size pixels exist only in here."""
+        with self.decodes:
+            try:
+                size = self.model.image_size
+                return to_tensor(decode_opened(img, min_size=JPEG_MARGIN * size), size)
+            finally:
+                img.close()  # frees the decoded pixels now rather than when the request ends
+
     def _error(self, message: str) -> dict:
         return {"status": "error", "error": message, "matches": [], "new_arrivals": [],
                 "index_version": self.index_version}
+
+
+def _pixel_count(img) -> int:
+    width, height = img.size
+    return width * height
+
+
+def _described(img) -> str:
+    width, height = img.size
+    return f"{img.format} {width}x{height} = {width * height} pixels"
+
+
+def accepted_formats(names: str) -> tuple[str, ...]:
+    """`serve.formats` ("JPEG,PNG,WEBP") as Pillow format names; a name Pillow does not know is an error,
+    not a format that silently never matches."""
+    from PIL import Image
+
+    Image.init()
+    formats = tuple(name.strip().upper() for name in names.split(",") if name.strip())
+    unknown = [name for name in formats if name not in Image.OPEN]
+    if not formats or unknown:
+        raise ValueError(f"serve.formats: {names!r} must name Pillow image formats, e.g. JPEG,PNG,WEBP"
+                         + (f" ({', '.join(unknown)} is not one)" if unknown else ""))
+    return formats
+
+
+def verify_model_code(model_dir: str | os.PathLike) -> None:
+    """Refuse a logged model unless the code MLflow runs to load it is exactly `STUB` (by sha256), with no
+    pickled model and no code directories put on `sys.path` ahead of the installed package."""
+    from mlflow.models import Model
+
+    flavor = Model.load(str(model_dir)).flavors.get("python_function") or {}
+    code = flavor.get("model_code_path")
+    if flavor.get("loader_module") != CODE_LOADER or not code:
+        raise ModelCodeError(f"{model_dir}: not logged from code (loader {flavor.get('loader_module')!r}); a "
+                             "pickled model runs whatever code it holds when loaded: register it again")
+    if flavor.get("code"):
+        raise ModelCodeError(f"{model_dir}: carries code directories ({flavor['code']}) that MLflow would import "
+                             "ahead of the installed sicot package")
+    path = Path(model_dir) / os.path.basename(code)
+    found = hashlib.sha256(path.read_bytes()).hexdigest() if path.is_file() else "no file"
+    expected = hashlib.sha256(STUB.read_bytes()).hexdigest()
+    if found != expected:
+        raise ModelCodeError(f"{path}: sha256 {found}, expected {expected} (sicot/{STUB.name} of the installed "
+                             "package): refusing altered model code")
+
+
+def _model_dir(artifact: str) -> Path:
+    """The logged model directory (the one holding `MLmodel`) that an artifact path lies in."""
+    found = next((p for p in Path(artifact).resolve().parents if (p / "MLmodel").is_file()), None)
+    if found is None:
+        raise ModelCodeError(f"{artifact}: not inside a logged MLflow model")
+    return found
+
+
+def serve_limits(model_config: dict) -> Any:
+    """The model config's `serve.*` keys, validated and typed like params.yaml (a `sicot.config.Serve`)."""
+    from sicot.config import Params, Serve
+
+    keys = {f.name for f in dataclasses.fields(Serve)}
+    return Params.from_dict({"serve": {k: v for k, v in model_config.items() if k in keys}}).serve
+
+
+def recognition_limits(serve) -> dict:
+    """The `Recognition` keyword arguments of a `Serve`; the body limit belongs to the HTTP server."""
+    return {k: v for k, v in dataclasses.asdict(serve).items() if k != "max_request_bytes"}
 
 
 try:
@@ -143,29 +286,30 @@ except ImportError:  # mlflow is a dependency; this keeps `Recognition` importab
 
 
 class RecognitionService(PythonModel):
-    """The pyfunc wrapper: artifacts {"model": model.pt}, model_config holds the serving limits."""
+    """The pyfunc: artifacts {"model": model.pt}, model_config holds the `serve.*` limits. Logged from code
+    (`served_model.py` creates it), never pickled."""
 
     def load_context(self, context):
+        verify_model_code(_model_dir(context.artifacts["model"]))
         cfg = dict(context.model_config or {})
-        self.service = Recognition(
-            context.artifacts["model"], os.environ.get(INDEX_ENV, cfg.get("index_root")),
-            top_k=int(cfg.get("top_k", 3)), min_score=float(cfg.get("min_score", 0.2)),
-            max_images=int(cfg.get("max_images", 64)), max_pixels=int(cfg.get("max_pixels", 16_000_000)),
-            min_similarity=float(cfg.get("min_similarity", 0.5)))
+        self.limits = serve_limits(cfg)
+        self.service = Recognition(context.artifacts["model"], os.environ.get(INDEX_ENV, cfg.get("index_root")),
+                                   **recognition_limits(self.limits))
 
     def predict(self, context, model_input, params=None):
         try:
-            images = [_base64_text_decoded(value) for value in model_input["image"]]
+            column = model_input["image"]
         except (KeyError, TypeError):
             raise _bad_request("input must have a binary column named `image`") from None
         try:
-            return self.service.recognise(images)
+            self.service.check_count(len(column))  # before any base64 or image is decoded
+            return self.service.recognise([_base64_text_decoded(value) for value in column])
         except RequestError as exc:
             raise _bad_request(str(exc)) from None
 
 
 def log_service(model_path: str, params, name: str = "sicot", registered_model_name: str | None = None):
-    """Log the recognizer as a pyfunc (MLflow 3 LoggedModel) with signature and input example;
+    """Log the recognizer as a pyfunc (MLflow 3 LoggedModel, from code) with signature and input example;
     returns the ModelInfo. Call inside an active run."""
     import io
 
@@ -182,11 +326,9 @@ def log_service(model_path: str, params, name: str = "sicot", registered_model_n
     index_root = params.paths.index if storage.is_s3(params.paths.index) else os.path.abspath(params.paths.index)
     return mlflow.pyfunc.log_model(
         name=name,
-        python_model=RecognitionService(),
+        python_model=str(STUB),  # models from code: the stub is copied, nothing is pickled
         artifacts={"model": model_path},
-        model_config={"index_root": index_root, "top_k": params.serve.top_k, "min_score": params.serve.min_score,
-                      "max_images": params.serve.max_images, "max_pixels": params.serve.max_pixels,
-                      "min_similarity": params.serve.min_similarity},
+        model_config={"index_root": index_root, **dataclasses.asdict(params.serve)},
         signature=ModelSignature(inputs=Schema([ColSpec("binary", "image")])),
         input_example=pd.DataFrame({"image": [example.getvalue()]}),
         registered_model_name=registered_model_name,

@@ -106,9 +106,8 @@ def test_commands_run_existing_steps_with_valid_params(name, resource):
         argv = container["command"] + container.get("args", [])
         assert set(re.findall(r"\$\((\w+)\)", " ".join(argv))) <= defined_here
         assert {"configMapRef": {"name": "sicot-config"}} in container["envFrom"]
-        if argv[:2] == ["mlflow", "models"]:
-            assert argv[2] == "serve" and "models:/sicot@champion" in argv
-            assert argv[argv.index("--env-manager") + 1] == "local"
+        if argv[:3] == ["python", "-m", "sicot.serving_app"]:
+            assert argv[argv.index("--model") + 1] == "models:/sicot@champion"
             continue
         module = argv[argv.index("-m") + 1]
         assert module.split(".")[0] == "components" and module.split(".")[1] in COMPONENTS, module

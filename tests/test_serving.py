@@ -1,5 +1,7 @@
-"""The recognition service on a tiny trained model and a published index: directly, and behind a real
-`mlflow models serve` process answering HTTP on loopback.
+"""The recognition service on a tiny trained model and a published index: directly, and behind real
+`mlflow models serve` and `python -m sicot.serving_app` processes answering HTTP on loopback. Hostile
+input (decompression-style PNGs, too many images, formats outside the allow-list, oversize bodies) is
+shown to get through or cost memory without its guard, then refused before anything is decoded.
 
 One module-scoped deployment: a tiny world with two new-arrival SKUs (catalog only, never trained on),
 a baseline model trained for two epochs, registered as champion in an embedded SQLite MLflow store, and
@@ -8,10 +10,17 @@ the product index published for it by `publish_index`, exactly as the pipeline d
 from __future__ import annotations
 
 import base64
+import http.client
 import io
 import json
 import os
+import shutil
+import socket
 import struct
+import subprocess
+import sys
+import threading
+import time
 import urllib.error
 import urllib.request
 import zlib
@@ -21,6 +30,7 @@ from pathlib import Path
 import pytest
 
 from tests import services
+from tests.hostile_input import MiB, encoded, flat_png, peak_memory
 from tests.workflow import FOREIGN
 
 pytestmark = [pytest.mark.services, pytest.mark.slow]
@@ -44,10 +54,9 @@ class Deployment:
 
     def recognition(self, **limits):
         """The service with the deployment's serve params, `limits` overriding some of them."""
-        from sicot.serving import Recognition
+        from sicot.serving import Recognition, recognition_limits
 
-        serve = vars(self.params.serve) | limits
-        return Recognition(self.model_file, self.params.paths.index, **serve)
+        return Recognition(self.model_file, self.params.paths.index, **recognition_limits(self.params.serve) | limits)
 
 
 def read_jsonl(path: Path) -> list[dict]:
@@ -109,7 +118,7 @@ def as_jpeg(png: bytes) -> bytes:
 
 
 BAD_IMAGES = ["text", "empty", "truncated_jpeg", "truncated_png", "bomb_20000x20000", "over_max_pixels", "string",
-              "none", "number"]
+              "none", "number", "bmp", "tiff", "gif"]
 
 
 def bad_images(good: bytes) -> dict[str, tuple[object, str]]:
@@ -121,10 +130,13 @@ def bad_images(good: bytes) -> dict[str, tuple[object, str]]:
         "truncated_jpeg": (jpeg[: len(jpeg) // 2], "truncated"),
         "truncated_png": (good[: len(good) // 2], "image"),
         "bomb_20000x20000": (declared_png(20000, 20000), "too large"),
-        "over_max_pixels": (declared_png(5000, 5000), "over the limit"),
+        "over_max_pixels": (declared_png(5000, 5000), "PNG 5000x5000 = 25000000 pixels, over the limit of 16000000 "
+                                                      "pixels per image (serve.max_pixels)"),
         "string": ("aGVsbG8=", "expected image bytes, got str"),
         "none": (None, "expected image bytes, got NoneType"),
         "number": (42, "expected image bytes, got int"),
+        **{fmt.lower(): (encoded(fmt), f"{fmt} is not one of the accepted formats JPEG, PNG, WEBP (serve.formats)")
+           for fmt in ("BMP", "TIFF", "GIF")},
     }
 
 
@@ -213,6 +225,7 @@ def test_each_bad_image_gets_its_own_error(deployed, case):
     bad = answers[1]
     assert bad["status"] == "error" and bad["matches"] == [] and bad["new_arrivals"] == []
     assert bad["error"].startswith("image 1: ") and words in bad["error"], bad["error"]
+    assert " at 0x" not in bad["error"]  # no object reprs
     assert bad["index_version"] == deployed.index_version
 
 
@@ -236,6 +249,149 @@ def test_without_a_published_index_answers_carry_sku_ids_only(deployed):
     (answer,) = service.recognise([deployed.image(deployed.holdout[0])])
     assert answer["status"] == "ok" and answer["index_version"] is None and answer["new_arrivals"] == []
     assert all(m["title"] is None and m["sku"] in deployed.catalog for m in answer["matches"])
+
+
+# ---- hostile input, in process -------------------------------------------------------------------
+
+def count_decodes(monkeypatch) -> list[str]:
+    """The format of every image decoded from now on (`load` with tiles left to decode)."""
+    from PIL import ImageFile
+
+    decoded, real = [], ImageFile.ImageFile.load
+    monkeypatch.setattr(ImageFile.ImageFile, "load",
+                        lambda self: (decoded.append(self.format) if self.tile else None) or real(self))
+    return decoded
+
+
+def test_a_request_over_the_pixel_budget_is_refused_before_any_image_is_decoded(deployed, monkeypatch):
+    from sicot.serving import RequestError
+
+    service = deployed.recognition()
+    png = flat_png(4000, 4000)  # exactly serve.max_pixels, in tens of kB
+    assert len(png) < 100_000
+    with peak_memory() as one:
+        (answer,) = service.recognise([png])
+    assert answer["status"] != "error" and one["growth"] > 150 * MiB  # what decoding one costs
+
+    decoded = count_decodes(monkeypatch)
+    with peak_memory() as five, pytest.raises(RequestError, match=(
+            r"^5 images of 80000000 pixels in all; at most 64000000 pixels per request \(serve.max_request_pixels\)$")):
+        service.recognise([png] * 5)
+    assert decoded == [] and five["growth"] < 20 * MiB, five
+    assert [a["status"] != "error" for a in service.recognise([png] * 4)] == [True] * 4  # at the budget
+    assert decoded == ["PNG"] * 4
+
+
+def test_too_many_images_are_refused_before_any_is_opened(deployed, monkeypatch):
+    from sicot import serving
+
+    opened = []
+    monkeypatch.setattr(serving, "open_image", lambda *args: opened.append(1))
+    decoded = count_decodes(monkeypatch)
+    with pytest.raises(serving.RequestError, match=r"17 images in one request; at most 16 \(serve.max_images\)"):
+        deployed.recognition().recognise([flat_png(4000, 4000)] * 17)
+    assert opened == [] and decoded == []
+
+
+def test_at_most_max_decodes_images_are_decoded_at_once_whatever_the_clients(deployed, monkeypatch):
+    from sicot import serving
+
+    service = deployed.recognition(max_decodes=2)
+    png = flat_png(4000, 4000)
+    with peak_memory() as one:
+        service.recognise([png])
+    active, most, lock, real = [0], [0], threading.Lock(), serving.decode_opened
+
+    def tracked(img, **kwargs):
+        with lock:
+            active[0] += 1
+            most[0] = max(most[0], active[0])
+        try:
+            return real(img, **kwargs)
+        finally:
+            with lock:
+                active[0] -= 1
+
+    monkeypatch.setattr(serving, "decode_opened", tracked)
+    answers = []
+    clients = [threading.Thread(target=lambda: answers.extend(service.recognise([png]))) for _ in range(8)]
+    with peak_memory() as eight:
+        for client in clients:
+            client.start()
+        for client in clients:
+            client.join(timeout=120)
+    assert len(answers) == 8 and all(a["status"] != "error" for a in answers)
+    assert most[0] == 2
+    assert eight["growth"] < 3.5 * one["growth"], (one, eight)  # 8 at once would be about 8x
+
+
+# ---- the logged model: code, not a pickle --------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def champion_dir(deployed, tmp_path_factory) -> Path:
+    """A local copy of the registered champion, as the serving pods download it."""
+    import mlflow
+    from mlflow.artifacts import download_artifacts
+
+    mlflow.set_tracking_uri(deployed.env["MLFLOW_TRACKING_URI"])
+    mlflow.set_registry_uri(deployed.env["MLFLOW_TRACKING_URI"])
+    return Path(download_artifacts(artifact_uri="models:/sicot@champion",
+                                   dst_path=str(tmp_path_factory.mktemp("champion"))))
+
+
+def test_the_served_model_is_logged_from_code_and_holds_no_pickle(deployed, champion_dir, monkeypatch):
+    import mlflow
+    import pandas as pd
+
+    from sicot.serving import STUB, verify_model_code
+
+    files = sorted(p.relative_to(champion_dir).as_posix() for p in champion_dir.rglob("*") if p.is_file())
+    assert not [f for f in files if f.endswith((".pkl", ".pickle"))], files
+    assert STUB.name in files and (champion_dir / STUB.name).read_bytes() == STUB.read_bytes()
+    verify_model_code(champion_dir)
+
+    monkeypatch.setenv("MLFLOW_ALLOW_PICKLE_DESERIALIZATION", "false")  # nothing here needs unpickling
+    model = mlflow.pyfunc.load_model(str(champion_dir))
+    images = [deployed.image(r) for r in deployed.test[:2] + deployed.holdout[:1]]
+    assert model.predict(pd.DataFrame({"image": images})) == deployed.recognition().recognise(images)
+    with pytest.raises(Exception, match=r"17 images in one request; at most 16 \(serve.max_images\)"):
+        model.predict(pd.DataFrame({"image": images[:1] * 17}))
+
+
+def test_a_model_whose_code_was_altered_is_refused(deployed, champion_dir, tmp_path):
+    import mlflow
+
+    from sicot.serving import STUB, ModelCodeError, verify_model_code
+
+    altered = tmp_path / "altered"
+    shutil.copytree(champion_dir, altered)
+    (altered / STUB.name).write_text((altered / STUB.name).read_text() + "print('anything at all')\n")
+    with pytest.raises(ModelCodeError, match=r"served_model.py: sha256 [0-9a-f]{64}, expected [0-9a-f]{64} .*"
+                                             r"refusing altered model code"):
+        verify_model_code(altered)
+    with pytest.raises(Exception, match="refusing altered model code"):  # the check on MLflow's load path
+        mlflow.pyfunc.load_model(str(altered))
+    # Before anything is loaded: what the serving app does at start-up.
+    cmd = [sys.executable, "-m", "sicot.serving_app", "--model", str(altered), "--verify-only"]
+    refused = subprocess.run(cmd, capture_output=True, text=True, timeout=180, env=os.environ | deployed.env)
+    assert refused.returncode == 1 and "refusing altered model code" in refused.stderr, refused.stderr
+    assert "anything at all" not in refused.stdout
+    cmd[cmd.index(str(altered))] = str(champion_dir)
+    accepted = subprocess.run(cmd, capture_output=True, text=True, timeout=180, env=os.environ | deployed.env)
+    assert accepted.returncode == 0 and "code verified" in accepted.stdout, accepted.stderr
+
+
+def test_a_pickled_model_is_refused(deployed, tmp_path):
+    import mlflow
+
+    from sicot.serving import ModelCodeError, RecognitionService, verify_model_code
+
+    pickled = tmp_path / "pickled"
+    mlflow.pyfunc.save_model(str(pickled), python_model=RecognitionService(), artifacts={"model": deployed.model_file},
+                             pip_requirements=[])
+    assert (pickled / "python_model.pkl").is_file()
+    with pytest.raises(ModelCodeError, match="not logged from code"):
+        verify_model_code(pickled)
 
 
 # ---- the real server -----------------------------------------------------------------------------
@@ -308,7 +464,8 @@ def test_server_reports_a_bad_image_beside_good_ones(server, deployed):
     status, reply = post(server, split_body([good, b64(b"GIF89a but not really"), good]))
     assert status == 200, reply
     assert [a["status"] != "error" for a in reply["predictions"]] == [True, False, True]
-    assert "image 1: not a recognised image format" in reply["predictions"][1]["error"]
+    assert reply["predictions"][1]["error"] == ("image 1: GIF is not one of the accepted formats JPEG, PNG, WEBP "
+                                                "(serve.formats)")
     status, reply = post(server, {"inputs": {"image": [good, "not an image", good]}})
     assert status == 200, reply
     assert [a["status"] != "error" for a in reply["predictions"]] == [True, False, True]
@@ -331,5 +488,84 @@ def test_server_refuses_malformed_requests_and_keeps_serving(server, deployed, n
 def test_server_refuses_a_thousand_images_in_one_request(server, deployed):
     status, reply = post(server, split_body([b64(deployed.image(deployed.test[0]))] * 1000))
     assert status == 400, f"{status} {str(reply)[:500]}"
-    assert "1000 images in one request; at most 16" in reply["message"]
+    assert reply["message"] == "1000 images in one request; at most 16 (serve.max_images)"  # not the input's repr
     assert_answers_good_request(server, deployed)
+
+
+# ---- the serving app: MLflow's scoring app behind a body limit ------------------------------------
+
+@pytest.fixture(scope="module")
+def app_server(deployed):
+    port = services.free_port()
+    cmd = [sys.executable, "-m", "sicot.serving_app", "--model", "models:/sicot@champion", "--host", "127.0.0.1",
+           "--port", str(port), "--workers", "1"]
+    service = services.start_process("sicot-serving-app", cmd, deployed.root / "serving_app.log", deployed.env,
+                                     cwd=deployed.root, unset=FOREIGN)
+    service.url = f"http://127.0.0.1:{port}"
+    try:
+        yield services.wait_healthy(service, service.url + "/ping", timeout=240)
+    finally:
+        services.stop(service)
+
+
+def get(server, path: str) -> tuple[int, bytes]:
+    with urllib.request.urlopen(server.url + path, timeout=30) as response:
+        return response.status, response.read()
+
+
+def test_the_serving_app_answers_as_mlflow_models_serve_does(server, app_server, deployed):
+    images = [b64(deployed.image(r)) for r in deployed.test[:2] + deployed.holdout[:1]]
+    for body in (split_body(images), {"inputs": {"image": images}}, split_body([images[0], b64(b"GIF89a")])):
+        assert post(app_server, body) == post(server, body)
+    for body in (split_body(["%%% not base64 %%%"]), {}, b"\x89PNG\r\n", split_body([images[0]] * 17)):
+        (status, reply), (mlflow_status, mlflow_reply) = post(app_server, body), post(server, body)
+        assert status == mlflow_status and 400 <= status < 500 and reply["error_code"] == mlflow_reply["error_code"]
+        assert reply["message"][:40] == mlflow_reply["message"][:40]  # the rest may list a set in another order
+    for path in ("/ping", "/health", "/version"):
+        assert get(app_server, path) == get(server, path)
+
+
+def raw_response(server, request: bytes) -> tuple[int, dict]:
+    """Send `request` bytes as they are and read the reply: lets a client stop before the body."""
+    host, port = server.url.removeprefix("http://").split(":")
+    with socket.create_connection((host, int(port)), timeout=30) as sock:
+        sock.sendall(request)
+        response = http.client.HTTPResponse(sock)
+        response.begin()
+        return response.status, json.loads(response.read())
+
+
+def test_an_oversize_body_is_refused_before_it_is_read(server, app_server, deployed):
+    limit = deployed.params.serve.max_request_bytes
+    assert limit == 32 * MiB
+    # `mlflow models serve` reads such a body whole before saying anything about it.
+    started = time.monotonic()
+    status, _ = post(server, b"x" * (limit + 1))
+    assert status == 400, status  # read and parsed: not JSON
+
+    headers = (f"POST /invocations HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\n"
+               f"Content-Length: {limit + 1}\r\n\r\n").encode()
+    status, reply = raw_response(app_server, headers)  # not a byte of the body sent
+    assert status == 413 and reply == {
+        "error_code": "REQUEST_LIMIT_EXCEEDED",
+        "message": f"request body is {limit + 1} bytes; at most {limit} bytes per request (serve.max_request_bytes)"}
+
+    # A chunked body declares no length: cut off once past the limit.
+    host, port = app_server.url.removeprefix("http://").split(":")
+    connection = http.client.HTTPConnection(host, int(port), timeout=60)
+    connection.request("POST", "/invocations", body=(b"x" * MiB for _ in range(40)), encode_chunked=True,
+                       headers={"Content-Type": "application/json"})
+    response = connection.getresponse()
+    assert response.status == 413, response.read()
+    assert json.loads(response.read())["message"] == (f"request body is over {limit} bytes; at most {limit} bytes "
+                                                      "per request (serve.max_request_bytes)")
+    connection.close()
+    assert time.monotonic() - started < 120
+    assert_answers_good_request(app_server, deployed)
+
+
+def test_the_serving_app_refuses_a_request_over_the_pixel_budget(app_server, deployed):
+    status, reply = post(app_server, split_body([b64(flat_png(4000, 4000))] * 5))
+    assert status == 400 and reply["message"] == ("5 images of 80000000 pixels in all; at most 64000000 pixels per "
+                                                  "request (serve.max_request_pixels)")
+    assert_answers_good_request(app_server, deployed)

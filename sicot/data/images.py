@@ -6,10 +6,12 @@ as 8-bit RGB, and every way it can be broken ends as an `ImageError` with a reas
 from __future__ import annotations
 
 import io
+import re
 import warnings
+from collections.abc import Sequence
 
 import numpy as np
-from PIL import Image, ImageOps
+from PIL import Image, ImageOps, UnidentifiedImageError
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -19,17 +21,48 @@ class ImageError(ValueError):
     """Bytes that are not a usable image; the message says why."""
 
 
-def _open(data: bytes) -> Image.Image:
+class FormatNotAccepted(ImageError):
+    """An image in a format outside the allow-list it was opened with; its parser never ran."""
+
+
+def _open(data: bytes, formats: Sequence[str] | None = None) -> Image.Image:
     if not data:
         raise ImageError("image is empty (0 bytes)")
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("error", Image.DecompressionBombWarning)
-            return Image.open(io.BytesIO(data))
+            return Image.open(io.BytesIO(data), formats=formats)
     except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
-        raise ImageError(f"image too large to decode safely: {exc}") from None
-    except Exception as exc:  # PIL raises UnidentifiedImageError, SyntaxError, struct.error...
-        raise ImageError(f"not a recognised image format ({type(exc).__name__}: {exc})") from None
+        raise ImageError(f"image too large to decode safely: {_reason(exc)}") from None
+    except UnidentifiedImageError:  # its text is only the repr of the file object
+        raise _unidentified(data, formats) from None
+    except Exception as exc:  # PIL raises SyntaxError, struct.error... from a damaged header
+        raise ImageError(f"not a recognised image format ({type(exc).__name__}: {_reason(exc)})") from None
+
+
+def _unidentified(data: bytes, formats: Sequence[str] | None) -> ImageError:
+    found = _sniffed_format(data)
+    if found and formats is not None and found not in formats:
+        return FormatNotAccepted(f"{found} is not one of the accepted formats {', '.join(formats)}")
+    return ImageError(f"not a recognised image format{f' (a damaged {found} header)' if found else ''}")
+
+
+def _reason(exc: Exception) -> str:
+    """The exception's text without object reprs (`<_io.BytesIO object at 0x...>`): say why, not where."""
+    return re.sub(r"\s*<[^<>]* at 0x[0-9a-fA-F]+>", "", str(exc)).strip() or type(exc).__name__
+
+
+def _sniffed_format(data: bytes) -> str | None:
+    """The Pillow format whose signature `data` starts with, or None; compares leading bytes only, so
+    no format's parser runs."""
+    Image.init()
+    for name, (_, accept) in Image.OPEN.items():
+        try:
+            if accept and accept(data[:16]):
+                return name
+        except Exception:  # some signature checks need more bytes than a tiny input has
+            continue
+    return None
 
 
 def _to_8bit(img: Image.Image) -> Image.Image:
@@ -53,10 +86,20 @@ def _to_rgb(img: Image.Image) -> Image.Image:
     if img.mode == "P" and "transparency" in img.info or img.mode == "PA":
         img = img.convert("RGBA")
     if img.mode in ("RGBA", "LA", "RGBa", "La"):
-        rgba = img.convert("RGBA")
+        rgba = img if img.mode == "RGBA" else img.convert("RGBA")
         white = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
         return Image.alpha_composite(white, rgba).convert("RGB")
-    return img.convert("RGB")  # L, 1, P, CMYK, YCbCr, LAB, HSV, RGB
+    return img if img.mode == "RGB" else img.convert("RGB")  # L, 1, P, CMYK, YCbCr, LAB, HSV
+
+
+def open_image(data: bytes, formats: Sequence[str] | None = None) -> Image.Image:
+    """The image with only its header read (format, size, mode): what limits are checked against before
+    any pixel is decoded. `formats` (Pillow format names) is an allow-list: other parsers never run."""
+    img = _open(data, formats)
+    width, height = img.size
+    if width <= 0 or height <= 0:
+        raise ImageError(f"image has no pixels ({width}x{height})")
+    return img
 
 
 def image_size(data: bytes) -> tuple[int, int]:
@@ -70,20 +113,30 @@ def decode_image(data: bytes, *, max_pixels: int | None = None) -> Image.Image:
     `max_pixels` is checked against the size in the header before any pixel is decoded, so a small
     file that expands to gigabytes (a decompression bomb) is refused cheaply.
     """
-    img = _open(data)
+    img = open_image(data)
     width, height = img.size
-    if width <= 0 or height <= 0:
-        raise ImageError(f"image has no pixels ({width}x{height})")
     if max_pixels is not None and width * height > max_pixels:
         raise ImageError(f"image is {width}x{height} = {width * height} pixels, over the limit of {max_pixels}")
+    return decode_opened(img)
+
+
+def decode_opened(img: Image.Image, min_size: int | None = None) -> Image.Image:
+    """An image from `open_image`, decoded to 8-bit RGB.
+
+    With `min_size`, a JPEG is decoded at the smallest of 1/2, 1/4 or 1/8 scale that keeps both sides
+    at least `min_size` pixels (libjpeg scales while decoding), so a photo far larger than needed never
+    exists at full size; other formats decode whole.
+    """
+    if min_size:
+        img.draft(None, (min_size, min_size))
     try:
         img.load()
-        img = ImageOps.exif_transpose(img) or img
+        ImageOps.exif_transpose(img, in_place=True)
         return _to_rgb(img)
     except ImageError:
         raise
     except Exception as exc:
-        reason = str(exc) or type(exc).__name__
+        reason = _reason(exc)
         if "truncated" in reason or isinstance(exc, (EOFError, SyntaxError)):
             raise ImageError(f"image file is truncated or corrupt ({reason})") from None
         raise ImageError(f"image cannot be decoded ({type(exc).__name__}: {reason})") from None
