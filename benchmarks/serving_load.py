@@ -230,7 +230,7 @@ def in_process(workdir: Path, photo: bytes, repeats: int) -> dict:
             "topk_forward": percentiles(timed(lambda: model.topk(x, serve.top_k), repeats)),
             "prepare": percentiles(timed(lambda: model.prepare([photo], max_pixels=serve.max_pixels), repeats)),
             "recognise": percentiles(timed(lambda: service.recognise([photo]), repeats)),
-            "new_arrival_skus": len(service.arrivals) if service.arrivals else 0}
+            "new_arrival_skus": len(service.products.arrivals) if service.products.arrivals else 0}
 
 
 def main() -> None:

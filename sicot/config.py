@@ -140,6 +140,7 @@ class Serve:
     max_request_bytes: int = opt(32 * 1024 * 1024, ge=1)
     max_decodes: int = opt(2, ge=1)
     formats: str = "JPEG,PNG,WEBP"
+    index_refresh_s: float = opt(30.0, ge=0.0)
 
 
 @dataclass

@@ -13,8 +13,14 @@ New arrivals are catalog SKUs the classifier was never trained on (class_index -
 classifier cannot name them, so every answer also lists the nearest of them by image-embedding cosine,
 above `min_similarity`, with the same facts; the list is empty when the index holds none.
 
-The product facts come from the index version that `index/CURRENT` named when the service loaded;
-every answer says which version that was.
+The product index is found at `$SICOT_INDEX` (the location every step reads as `paths.index`), else at
+the one logged with the model. Its facts come from the version `index/CURRENT` names: every
+`index_refresh_s` seconds (`$SICOT_SERVE_INDEX_REFRESH_S` overrides it per deployment; 0 = never) a
+request finds a check due and starts it in a thread of its own, so no request waits for the store. The
+check reads CURRENT's token only; when it changed, the version CURRENT names is loaded whole and verified
+against its manifest, then swapped in as one object, so each request answers from one version throughout
+and every answer says which. A version that fails to load is logged and the one before it still answers;
+the next check tries again.
 
 Limits on hostile input (`serve.*`, logged in the model's config): the image count (`max_images`) and
 every image's header (`formats`, an allow-list handed to Pillow so other parsers never run;
@@ -36,16 +42,20 @@ import binascii
 import dataclasses
 import hashlib
 import logging
+import math
 import os
 import threading
 from pathlib import Path
+from time import monotonic
 from typing import Any
 
 from sicot.data.images import FormatNotAccepted, ImageError, decode_opened, open_image, to_tensor
 
 log = logging.getLogger(__name__)
 
-INDEX_ENV = "SICOT_INDEX_ROOT"  # overrides the index root baked in at registration
+INDEX_ENV = "SICOT_INDEX"  # the index location the ConfigMap gives every step; overrides the logged one
+REFRESH_ENV = "SICOT_SERVE_INDEX_REFRESH_S"  # tuned per deployment, without registering the model again
+FACTS = ("sku", "title", "tags", "image")
 STUB = Path(__file__).with_name("served_model.py")  # the code file every logged service runs
 CODE_LOADER = "mlflow.pyfunc.loaders.code_model"  # MLflow's loader for models logged from code
 # A JPEG is decoded at reduced scale but keeps at least this many times the model's input size per side:
@@ -89,13 +99,23 @@ def _bad_request(message: str) -> Exception:
     return Refused(message, error_code=INVALID_PARAMETER_VALUE)
 
 
+@dataclasses.dataclass(frozen=True)
+class Products:
+    """One index version as answers use it. Built whole and never changed: a request that takes it once
+    answers from one version throughout, whatever is swapped in meanwhile."""
+    version: str | None = None
+    token: str | None = None  # CURRENT's token when it was read for this version
+    facts: dict = dataclasses.field(default_factory=dict)  # by SKU
+    arrivals: Any = None  # the new arrivals as a searchable ProductIndex; None when there are none to search
+
+
 class Recognition:
     """Model + index + limits, independent of MLflow so it can be used and tested directly."""
 
     def __init__(self, model_path: str, index_root: str | None, top_k: int = 3, min_score: float = 0.2,
                  max_images: int = 64, max_pixels: int = 16_000_000, min_similarity: float = 0.5,
-                 max_request_pixels: int = 64_000_000, max_decodes: int = 2, formats: str = "JPEG,PNG,WEBP"):
-        from sicot import index
+                 max_request_pixels: int = 64_000_000, max_decodes: int = 2, formats: str = "JPEG,PNG,WEBP",
+                 index_refresh_s: float = 30.0):
         from sicot.model.recognizer import Recognizer
 
         self.model = Recognizer.load(model_path)  # its topk/embed run without autograd
@@ -103,41 +123,86 @@ class Recognition:
         self.max_images, self.max_pixels, self.max_request_pixels = max_images, max_pixels, max_request_pixels
         self.formats = accepted_formats(formats)
         self.decodes = threading.BoundedSemaphore(max_decodes)
-        self.index = None
-        if index_root and index.read_current(index_root)[0] is None:
-            log.warning("no product index published under %s yet: answers carry SKU ids only", index_root)
-        elif index_root:
-            self.index = index.load_current(index_root)  # a published but damaged index is an error
-        self.index_version = self.index.version if self.index else None
-        # By SKU, not class number: a newly promoted model may order its classes differently from the
-        # model the current index was built with.
-        self.facts = {row["sku"]: {k: row[k] for k in ("sku", "title", "tags", "image")}
-                      for row in (self.index.skus if self.index else [])}
-        self.arrivals = self._new_arrivals_index()
-        log.info("recognition service: %d classes, index version %s", len(self.model.classes), self.index_version)
+        self.index_root, self.index_refresh_s = index_root, index_refresh_s
+        self.products = self._first_products()
+        self._checking = threading.Lock()  # held while a check of CURRENT runs: one at a time
+        self._next_check = monotonic() + index_refresh_s if index_root and index_refresh_s else math.inf
+        log.info("recognition service: %d classes, index version %s, CURRENT checked every %g s (0: never)",
+                 len(self.model.classes), self.products.version, index_refresh_s if index_root else 0)
 
-    def _new_arrivals_index(self):
+    def _first_products(self) -> Products:
+        from sicot import index
+
+        if not self.index_root:
+            return Products()
+        pointer, token = index.read_current(self.index_root)
+        if pointer is None:
+            log.warning("no product index published under %s yet: answers carry SKU ids only", self.index_root)
+            return Products()
+        return self._products(index.load_current(self.index_root), token)  # damaged at start: an error
+
+    def _products(self, loaded, token: str | None) -> Products:
+        """A loaded `ProductIndex`, ready to answer from."""
+        # By SKU, not class number: a newly promoted model may order its classes differently from the
+        # model the index was built with.
+        facts = {row["sku"]: {k: row[k] for k in FACTS} for row in loaded.skus}
+        return Products(loaded.version, token, facts, self._new_arrivals_index(loaded))
+
+    def _new_arrivals_index(self, loaded):
         """The index rows the classifier cannot name, or None when there are none to search."""
-        arrivals = self.index.new_arrivals() if self.index else None
+        arrivals = loaded.new_arrivals()
         if not arrivals:
             return None
         dim, features = arrivals.embeddings.shape[1], self.model.arch["feature_dim"]
         if dim != features:  # built by a model with another feature size: cosines would be meaningless
             log.warning("index %s has %d-d embeddings, the model makes %d-d features: new arrivals are not "
-                        "searched until the index is rebuilt for this model", self.index_version, dim, features)
+                        "searched until the index is rebuilt for this model", loaded.version, dim, features)
             return None
+        arrivals.nearest(arrivals.embeddings[:1], 1)  # builds its search now, not in a request after the swap
         return arrivals
 
-    def _nearest_arrivals(self, features) -> list[list[dict]]:
+    def _current_products(self) -> Products:
+        """The version to answer from. When a check of CURRENT is due, it is started in a thread of its own
+        (no request waits for the store or a load) and this request still answers from the version served."""
+        if monotonic() >= self._next_check and self._checking.acquire(blocking=False):
+            if monotonic() >= self._next_check:  # and no check has finished since the first look
+                self._next_check = monotonic() + self.index_refresh_s
+                threading.Thread(target=self._check_index, name="sicot-index-check", daemon=True).start()
+            else:
+                self._checking.release()
+        return self.products
+
+    def _check_index(self) -> None:
+        """Swap in the version CURRENT names once CURRENT's token changed; a version that fails to load
+        leaves the served one answering, and the next check tries again."""
+        from sicot import index
+
+        served, named = self.products, "named by CURRENT"
+        try:
+            pointer, token = index.read_current(self.index_root)
+            if pointer is None or token == served.token:
+                return
+            named = pointer["version"]
+            self.products = (dataclasses.replace(served, token=token) if named == served.version
+                             else self._products(index.load_current(self.index_root), token))
+            if self.products.version != served.version:
+                log.info("index version %s now served (was %s)", self.products.version, served.version)
+        except Exception as exc:  # whatever the store holds or does, the served version keeps answering
+            log.warning("index version %s under %s not loaded, still serving %s: %s", named, self.index_root,
+                        served.version, exc)
+        finally:
+            self._checking.release()
+
+    def _nearest_arrivals(self, features, arrivals) -> list[list[dict]]:
         """Per query: the nearest new-arrival SKUs at or above `min_similarity`, best first."""
-        scores, rows = self.arrivals.nearest(features.numpy(), self.top_k)
-        facts = lambda r: {k: self.arrivals.skus[r][k] for k in ("sku", "title", "tags", "image")}  # noqa: E731
+        scores, rows = arrivals.nearest(features.numpy(), self.top_k)
+        facts = lambda r: {k: arrivals.skus[r][k] for k in FACTS}  # noqa: E731
         return [[{**facts(r), "score": round(float(s), 6)} for s, r in zip(row_scores, row_ids)
                  if r >= 0 and s >= self.min_similarity] for row_scores, row_ids in zip(scores, rows)]
 
-    def _facts(self, class_idx: int) -> dict:
+    def _facts(self, class_idx: int, facts: dict) -> dict:
         sku = self.model.classes[class_idx]
-        return self.facts.get(sku) or {"sku": sku, "title": None, "tags": [], "image": None}
+        return facts.get(sku) or {"sku": sku, "title": None, "tags": [], "image": None}
 
     def check_count(self, count: int) -> None:
         if not count:
@@ -147,13 +212,14 @@ class Recognition:
 
     def recognise(self, images: list[Any]) -> list[dict]:
         self.check_count(len(images))
+        products = self._current_products()  # one version for the whole request
         answers: list[dict | None] = [None] * len(images)
         opened = {}
         for row, data in enumerate(images):
             try:
                 opened[row] = self._open(data)
             except ImageError as exc:
-                answers[row] = self._error(f"image {row}: {exc}")
+                answers[row] = self._error(f"image {row}: {exc}", products.version)
         self._check_request_pixels(opened)
         batch, rows = [], []
         for row in list(opened):
@@ -162,21 +228,21 @@ class Recognition:
                 batch.append(self._pixels(img))
                 rows.append(row)
             except ImageError as exc:
-                answers[row] = self._error(f"image {row}: {_described(img)}: {exc}")
+                answers[row] = self._error(f"image {row}: {_described(img)}: {exc}", products.version)
         if batch:
             import torch
 
-            if self.arrivals:
+            if products.arrivals:
                 scores, classes, features = self.model.topk_and_embed(torch.stack(batch), self.top_k)
-                similar = self._nearest_arrivals(features)
+                similar = self._nearest_arrivals(features, products.arrivals)
             else:
                 scores, classes = self.model.topk(torch.stack(batch), self.top_k)
                 similar = [[] for _ in rows]
             for row, s, c, new in zip(rows, scores.tolist(), classes.tolist(), similar):
-                matches = [{**self._facts(ci), "score": round(si, 6)} for si, ci in zip(s, c)
+                matches = [{**self._facts(ci, products.facts), "score": round(si, 6)} for si, ci in zip(s, c)
                            if si >= self.min_score]
                 answers[row] = {"status": "ok" if matches or new else "no_match", "matches": matches,
-                                "new_arrivals": new, "index_version": self.index_version}
+                                "new_arrivals": new, "index_version": products.version}
         return answers
 
     def _open(self, data: Any):
@@ -208,9 +274,9 @@ class Recognition:
             finally:
                 img.close()  # frees the decoded pixels now rather than when the request ends
 
-    def _error(self, message: str) -> dict:
+    def _error(self, message: str, index_version: str | None) -> dict:
         return {"status": "error", "error": message, "matches": [], "new_arrivals": [],
-                "index_version": self.index_version}
+                "index_version": index_version}
 
 
 def _pixel_count(img) -> int:
@@ -267,11 +333,15 @@ def _model_dir(artifact: str) -> Path:
 
 
 def serve_limits(model_config: dict) -> Any:
-    """The model config's `serve.*` keys, validated and typed like params.yaml (a `sicot.config.Serve`)."""
+    """The model config's `serve.*` keys, then `$SICOT_SERVE_INDEX_REFRESH_S`, validated and typed like
+    params.yaml (a `sicot.config.Serve`)."""
     from sicot.config import Params, Serve
 
     keys = {f.name for f in dataclasses.fields(Serve)}
-    return Params.from_dict({"serve": {k: v for k, v in model_config.items() if k in keys}}).serve
+    serve = {k: v for k, v in model_config.items() if k in keys}
+    if os.environ.get(REFRESH_ENV):
+        serve["index_refresh_s"] = os.environ[REFRESH_ENV]
+    return Params.from_dict({"serve": serve}).serve
 
 
 def recognition_limits(serve) -> dict:
@@ -293,7 +363,7 @@ class RecognitionService(PythonModel):
         verify_model_code(_model_dir(context.artifacts["model"]))
         cfg = dict(context.model_config or {})
         self.limits = serve_limits(cfg)
-        self.service = Recognition(context.artifacts["model"], os.environ.get(INDEX_ENV, cfg.get("index_root")),
+        self.service = Recognition(context.artifacts["model"], os.environ.get(INDEX_ENV) or cfg.get("index_root"),
                                    **recognition_limits(self.limits))
 
     def predict(self, context, model_input, params=None):

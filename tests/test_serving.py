@@ -175,7 +175,7 @@ def test_new_arrivals_are_retrieved_from_the_catalog_by_embedding(deployed):
     new = {sku for sku, r in deployed.catalog.items()} - {r["sku"] for r in deployed.test}
     assert new == {r["sku"] for r in deployed.holdout} and len(new) == 2
     service = deployed.recognition(min_score=0.0, min_similarity=-1.0, top_k=3)
-    assert len(service.arrivals) == 2
+    assert len(service.products.arrivals) == 2
 
     # A new arrival's own catalog image is its nearest neighbour, at cosine 1.
     catalog_images = [(Path(deployed.params.paths.prepared) / deployed.catalog[sku]["image"]).read_bytes()
@@ -242,10 +242,10 @@ def test_requests_that_cannot_be_answered_are_refused(deployed):
 
 
 def test_without_a_published_index_answers_carry_sku_ids_only(deployed):
-    from sicot.serving import Recognition
+    from sicot.serving import Products, Recognition
 
     service = Recognition(deployed.model_file, str(deployed.root / "nothing_published_here"), min_score=0.0)
-    assert service.index is None and service.arrivals is None
+    assert service.products == Products()
     (answer,) = service.recognise([deployed.image(deployed.holdout[0])])
     assert answer["status"] == "ok" and answer["index_version"] is None and answer["new_arrivals"] == []
     assert all(m["title"] is None and m["sku"] in deployed.catalog for m in answer["matches"])
