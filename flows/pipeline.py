@@ -14,6 +14,7 @@ Run it with no server (Prefect's ephemeral mode): `python -m flows.pipeline [--s
 from __future__ import annotations
 
 import os
+import time
 from pathlib import Path
 
 # Prefect's temporary server can take more than its default 20 s to start on a small machine.
@@ -70,7 +71,6 @@ def train(settings: dict, workdir: str, mode: str, data: dict, vectors: dict | N
         params.train.resume = params.train.resume or resume
         return launch(params, mode)
     from prefect.deployments import run_deployment
-    from prefect.flow_runs import wait_for_flow_run
 
     # The pod reads its image's params.yaml; the run's overrides travel as parameters.
     parameters = {"mode": mode, "overrides": [*(overrides or []), *(["train.resume=true"] if resume else [])],
@@ -84,12 +84,30 @@ def train(settings: dict, workdir: str, mode: str, data: dict, vectors: dict | N
         parameters |= {"nnodes": nodes, "master_addr": host, "master_port": port}
         per_node = [{"node_rank": k} for k in range(nodes)]
     started = [run_deployment(deployment, parameters=parameters | node, timeout=0) for node in per_node]
-    runs = [wait_for_flow_run(run.id, timeout=None, log_states=True) for run in started]
+    runs = wait_together([run.id for run in started])
     failed = [f"flow run {run.id} ended {run.state.name}: {run.state.message}" for run in runs
               if not run.state.is_completed()]
     if failed:
         raise RuntimeError(f"train_{mode} ({deployment}): " + "; ".join(failed))
     return runs[0].state.result()
+
+
+def wait_together(ids: list, poll_s: float = 5.0) -> list:
+    """The final flow runs of nodes that only work together: once one fails, the others are cancelled
+    (they would otherwise wait for it in a collective until a timeout)."""
+    from prefect.client.orchestration import get_client
+    from prefect.states import Cancelling
+
+    with get_client(sync_client=True) as client:
+        while True:
+            runs = [client.read_flow_run(i) for i in ids]
+            if all(run.state.is_final() for run in runs):
+                return runs
+            if any(run.state.is_final() and not run.state.is_completed() for run in runs):
+                for run in runs:
+                    if not run.state.is_final():
+                        client.set_flow_run_state(run.id, Cancelling(message="another node of this training failed"))
+            time.sleep(poll_s)
 
 
 @task(name="evaluate_model", **CACHED)

@@ -37,9 +37,9 @@ def launch(params: Params, mode: str, nnodes: int = 1, node_rank: int = 0, maste
         if nnodes > 1:
             args = ["-m", "torch.distributed.run", f"--nnodes={nnodes}", f"--node-rank={node_rank}",
                     f"--master-addr={master_addr}", f"--master-port={master_port}",
-                    f"--nproc-per-node={params.train.nproc}", *args[1:]]
+                    f"--nproc-per-node={params.train.nproc}", *args]
         elif params.train.nproc > 1:
-            args = ["-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={params.train.nproc}", *args[1:]]
+            args = ["-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={params.train.nproc}", *args]
         cmd = [sys.executable, *args]
         get_run_logger().info("running %s in %s", " ".join(cmd), workdir)
         proc = subprocess.run(cmd, capture_output=True, text=True, cwd=workdir, env=env)
