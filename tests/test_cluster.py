@@ -29,6 +29,7 @@ from tests.workflow import BIN, clean_env, run, tiny_overrides
 pytestmark = [pytest.mark.services, pytest.mark.slow]
 
 POOL = "cluster"
+MODEL = "sicot-cluster"
 DEPLOYMENTS = {  # module entrypoints: each flow run starts in a fresh temporary directory of the worker
     "sicot-pipeline": "flows.pipeline:pipeline",
     "sicot-train": "flows.train:train",
@@ -84,7 +85,7 @@ def restore_with_dvc(directory: Path, remote: str, version: str, env: dict) -> P
 def serve(env: dict, directory: Path) -> services.Service:
     port = services.free_port()
     service = services.start_process("mlflow-serve", [str(BIN / "mlflow"), "models", "serve", "-m",
-                                                      "models:/sicot@champion", "--env-manager", "local",
+                                                      f"models:/{MODEL}@champion", "--env-manager", "local",
                                                       "-p", str(port), "--host", "127.0.0.1"],
                                      directory / "serve.log", env, cwd=directory)
     service.url = f"http://127.0.0.1:{port}"
@@ -99,18 +100,18 @@ def recognise(service: services.Service, image: bytes) -> dict:
         return json.loads(response.read())["predictions"][0]
 
 
-def test_the_pipeline_runs_on_a_cluster_in_miniature(tmp_path, s3_server, mlflow_server, prefect_server):
+def test_the_pipeline_runs_on_a_cluster_in_miniature(tmp_path, s3_server, mlflow_server, prefect_server, monkeypatch):
     from sicot import index, storage
 
     bucket = f"s3://{s3_server.new_bucket('cluster')}"
-    env = clean_env(**prefect_server.env, **mlflow_server.env, **s3_server.env,
+    env = clean_env(**prefect_server.env, **mlflow_server.env, **s3_server.env, MLFLOW_REGISTRY_URI=mlflow_server.url,
                     SICOT_MODELS=f"{bucket}/models", SICOT_REPORTS=f"{bucket}/reports",
                     SICOT_INDEX=f"{bucket}/index_store", SICOT_DVC_REMOTE=f"{bucket}/dvc",
                     PREFECT_RESULTS_PERSIST_BY_DEFAULT="true",
                     PREFECT_RESULTS_DEFAULT_STORAGE_BLOCK="remote-file-system/sicot-results",
                     SICOT_SERVE_INDEX_REFRESH_S="1")
     for key, value in s3_server.env.items():  # this process reads S3 too, to watch and check
-        os.environ[key] = value
+        monkeypatch.setenv(key, value)
     storage.s3.cache_clear()
     admin = tmp_path / "admin"  # where the operator deploys from: only a deployment file, no data
     admin.mkdir()
@@ -122,7 +123,9 @@ def test_the_pipeline_runs_on_a_cluster_in_miniature(tmp_path, s3_server, mlflow
     worker = services.start_process("prefect-worker", [prefect, "worker", "start", "--pool", POOL, "--limit", "6"],
                                     tmp_path / "worker.log", env, cwd=tmp_path / "admin")
     try:
-        overrides = [*tiny_overrides(), "train.epochs=3", "train.fc=sharded", "train.threads=1"]
+        # its own registered model: the MLflow server is shared with other tests
+        overrides = [*tiny_overrides(), "train.epochs=3", "train.fc=sharded", "train.threads=1",
+                     f"promote.model_name={MODEL}"]
         parameters = {"overrides": overrides, "params_file": "", "train_deployment": f"sicot-train/{POOL}",
                       "train_nodes": 2, "train_master": f"127.0.0.1:{services.free_port()}",
                       "shard_deployment": f"sicot-publish-shard/{POOL}"}
@@ -145,6 +148,7 @@ def test_the_pipeline_runs_on_a_cluster_in_miniature(tmp_path, s3_server, mlflow
         comparison = json.loads(storage.read_text(f"{bucket}/reports/comparison.json"))
         assert comparison
         assert [k for k in s3_keys(bucket, "dvc/files/md5") if k.endswith(".dir")], "no DVC version in the remote"
+        assert s3_keys(bucket, "prefect-results"), "the trainings' results did not cross pods through S3"
 
         import mlflow
 
@@ -162,13 +166,13 @@ def test_the_pipeline_runs_on_a_cluster_in_miniature(tmp_path, s3_server, mlflow
         prepared = storage.dvc_tree_uri(f"{bucket}/dvc", version)  # the data every step read, in the DVC remote
         sicot_runs = {r.info.status for r in by_step["train_sicot"]}
         assert "FINISHED" in sicot_runs and len(by_step["train_sicot"]) >= 2, sicot_runs  # killed once, resumed
-        champion = client.get_model_version_by_alias("sicot", "champion")
+        champion = client.get_model_version_by_alias(MODEL, "champion")
         restored = restore_with_dvc(tmp_path / "restore", f"{bucket}/dvc", version, env)
         assert restored.joinpath("train.jsonl").read_bytes() == storage.read_bytes(storage.join(prepared, "train.jsonl"))
 
         current = json.loads(storage.read_text(f"{bucket}/index_store/index/CURRENT"))
         manifest = json.loads(storage.read_text(f"{bucket}/index_store/index/{current['version']}/manifest.json"))
-        assert manifest["num_shards"] == 2 and manifest["model_uri"] == f"models:/sicot/{champion.version}"
+        assert manifest["num_shards"] == 2 and manifest["model_uri"] == f"models:/{MODEL}/{champion.version}"
 
         # serving: the champion from the registry, the index location from the environment
         served = tmp_path / "serve"
