@@ -402,8 +402,12 @@ def server(deployed):
     cmd = [str(services.BIN / "mlflow"), "models", "serve", "-m", "models:/sicot@champion", "--env-manager", "local",
            "-p", str(port), "--host", "127.0.0.1"]
     env = deployed.env | {"PATH": f"{services.BIN}{os.pathsep}{os.environ.get('PATH', '')}"}  # it execs uvicorn
-    service = services.start_process("mlflow-models-serve", cmd, deployed.root / "serve.log", env,
-                                     cwd=deployed.root, unset=FOREIGN)
+    yield from serving(deployed, "mlflow-models-serve", cmd, port, env)
+
+
+def serving(deployed, name: str, cmd: list[str], port: int, env: dict):
+    """A started server for a fixture to yield, stopped after the test."""
+    service = services.start_process(name, cmd, deployed.root / f"{name}.log", env, cwd=deployed.root, unset=FOREIGN)
     service.url = f"http://127.0.0.1:{port}"
     try:
         yield services.wait_healthy(service, service.url + "/ping", timeout=240)
@@ -499,13 +503,7 @@ def app_server(deployed):
     port = services.free_port()
     cmd = [sys.executable, "-m", "sicot.serving_app", "--model", "models:/sicot@champion", "--host", "127.0.0.1",
            "--port", str(port), "--workers", "1"]
-    service = services.start_process("sicot-serving-app", cmd, deployed.root / "serving_app.log", deployed.env,
-                                     cwd=deployed.root, unset=FOREIGN)
-    service.url = f"http://127.0.0.1:{port}"
-    try:
-        yield services.wait_healthy(service, service.url + "/ping", timeout=240)
-    finally:
-        services.stop(service)
+    yield from serving(deployed, "sicot-serving-app", cmd, port, deployed.env)
 
 
 def get(server, path: str) -> tuple[int, bytes]:
