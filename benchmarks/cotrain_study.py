@@ -1,8 +1,8 @@
 """When does co-training lift the tail? A seeded study of the SICoT formulation on two evaluation sets.
 
     python -m benchmarks.cotrain_study --pretrained --workdir .bench/study-pre   # the paper's setting
-    python -m benchmarks.cotrain_study --workdir .bench/study2 --final .bench/study-pre/final.json   # its pick, from scratch
-    python -m benchmarks.cotrain_study                      # the full study from scratch (GPU: minutes; 2 CPU cores: hours)
+    python -m benchmarks.cotrain_study --workdir .bench/study2 --final .bench/study-pre/final.json  # its pick, scratch
+    python -m benchmarks.cotrain_study         # the full study from scratch (GPU: minutes; 2 CPU cores: hours)
     python -m benchmarks.cotrain_study --quick              # a smoke run of the whole procedure
     python -m benchmarks.cotrain_study --report .bench/study/results.jsonl   # tables from stored results
 
@@ -106,7 +106,7 @@ def pretrain_backbone(workdir: Path, overrides: list[str]) -> Path:
     from components import prepare_data
     from sicot.config import load_params
     from sicot.model.recognizer import Recognizer
-    from sicot.train import train
+    from sicot.train import run_training
 
     path = workdir / "source" / "backbone.pt"
     if path.exists():
@@ -116,7 +116,7 @@ def pretrain_backbone(workdir: Path, overrides: list[str]) -> Path:
         f"paths.raw={root / 'raw'}", f"paths.prepared={root / 'prepared'}", f"paths.models={root / 'models'}",
         *overrides])
     prepare_data.run(params, track=False)
-    recognizer = Recognizer.load(train(params, track=False)["model"])
+    recognizer = Recognizer.load(run_training(params, track=False)["model"])
     torch.save(recognizer.backbone.state_dict(), path)
     return path
 
@@ -153,14 +153,14 @@ def run_one(job: dict) -> dict:
     torch.set_num_threads(job["threads"])
     from sicot.data.manifest import load_manifest
     from sicot.model.recognizer import Recognizer
-    from sicot.train import pick_device, train
+    from sicot.train import pick_device, run_training
 
     workdir = Path(job["workdir"])
     out = workdir / job["set"] / "runs" / f"{job['config']}-s{job['seed']}"
     params = _params(workdir, job["set"], [*job["common"], *job["overrides"], f"train.seed={job['seed']}",
                                            f"paths.models={out}"])
     start = time.perf_counter()
-    result = train(params, track=False)
+    result = run_training(params, track=False)
     seconds = time.perf_counter() - start
     device = pick_device(params.train.device)
     recognizer = Recognizer.load(result["model"])

@@ -10,16 +10,17 @@ from sicot.config import Params
 
 
 def run(params: Params, track: bool = True) -> dict:
-    from sicot.train import train  # lazy: torch and torchvision take seconds to import
+    from sicot.train import run_training  # lazy: torch and torchvision take seconds to import
 
-    return train(params, track=track)
+    return run_training(params, track=track)
 
 
 def main(argv: list[str] | None = None) -> None:
     from components.cli import main as cli_main
 
-    cli_main(run, __doc__.splitlines()[0], argv, extra=lambda p: p.add_argument(
-        "--no-track", dest="track", action="store_false", help="do not log to MLflow"))
+    cli_main(run, __doc__.splitlines()[0], argv, sections=("train", "evaluate", "paths"),
+             extra=lambda p: p.add_argument("--no-track", dest="track", action="store_false",
+                                            help="do not log to MLflow"))
 
 
 if __name__ == "__main__":

@@ -9,10 +9,19 @@ checkpointed by every rank into its own directory, which checkpoint.pt names (`s
 With tracking on, the training run also carries model.pt, text_encoder.pt and history.json as artifacts
 under `model/` and the tag `sicot.mode`, so a step on another machine can take the model from MLflow.
 
+The visual stream starts from `train.backbone_weights` (`sicot.model.starting_point`). The GPU settings
+that were measured to pay (docs/benchmarks.md) are params the engine applies: `train.channels_last`,
+`train.fused_optimizer`, `train.tf32`, `train.fc_logits_dtype`; one that cannot apply on the device is
+ignored there, and the log says so once.
+
 Distributed the plain way: `torchrun` sets RANK/WORLD_SIZE/LOCAL_RANK; without them the same code runs
-as a one-process group. DDP wraps the two encoders (`SICoT.streams`); the classifier stays outside it
-so a class-sharded classifier can own its rows (`make_classifier`), while a replicated one has its
-gradient averaged explicitly.
+as a one-process group. `train.batch_size` is per process: the global batch is world size × batch_size.
+DDP wraps the two encoders (`SICoT.streams`); the classifier stays outside it so a class-sharded
+classifier can own its rows (`make_classifier`), while a replicated one has its gradient averaged
+explicitly.
+
+Reading order: `run_training` (join the process group) → `train_in_group` (build, resume, the epoch
+loop) → `train_one_epoch` and `evaluate` over a `TrainingSetup`.
 """
 from __future__ import annotations
 
@@ -34,17 +43,19 @@ import torch
 import torch.distributed as dist
 from torch.utils.data import DataLoader, DistributedSampler
 
-from sicot import storage, torchfile
+from sicot import storage, torchfile, tracking
 from sicot.config import Params
 from sicot.model.backbone import create_backbone
 from sicot.model.classifier import ReplicatedClassifier
 from sicot.model.recognizer import Recognizer
 from sicot.model.sicot import CoTraining, SICoT
+from sicot.model.starting_point import StartingPoint, load_starting_point
 from sicot.model.text_encoders import create_text_encoder, save_text_encoder
 from sicot.text.word2vec import Vocabulary
 
 CHECKPOINT_FORMAT = "sicot.checkpoint/1"
 CLASSIFIER_GROUP = 1  # index of the classifier's parameter group in the optimizer
+LOGITS_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}  # train.fc_logits_dtype
 
 
 class TrainError(RuntimeError):
@@ -54,7 +65,8 @@ class TrainError(RuntimeError):
 # --- process group ---------------------------------------------------------------------------------
 
 @dataclass
-class Dist:
+class TrainingProcess:
+    """This process's place in the training group."""
     rank: int
     world_size: int
     device: torch.device
@@ -74,7 +86,7 @@ def pick_device(preference: str, local_rank: int = 0) -> torch.device:
     return torch.device("cpu")
 
 
-def setup_distributed(device_preference: str) -> Dist:
+def join_process_group(device_preference: str) -> TrainingProcess:
     """Join the torchrun group (WORLD_SIZE set), reuse a group the caller made, or make a 1-process one."""
     local_rank = int(os.environ.get("LOCAL_RANK", "0"))
     device = pick_device(device_preference, local_rank)
@@ -82,27 +94,54 @@ def setup_distributed(device_preference: str) -> Dist:
         torch.cuda.set_device(device)
     backend = "nccl" if device.type == "cuda" else "gloo"
     if dist.is_initialized():
-        return Dist(dist.get_rank(), dist.get_world_size(), device, owns_group=False)
+        return TrainingProcess(dist.get_rank(), dist.get_world_size(), device, owns_group=False)
     if "WORLD_SIZE" in os.environ:
         dist.init_process_group(backend, init_method="env://")
-        return Dist(dist.get_rank(), dist.get_world_size(), device, owns_group=True)
+        return TrainingProcess(dist.get_rank(), dist.get_world_size(), device, owns_group=True)
     store_dir = tempfile.mkdtemp(prefix="sicot-pg-")
     store = dist.FileStore(os.path.join(store_dir, "store"), 1)
     dist.init_process_group(backend, store=store, rank=0, world_size=1)
-    return Dist(0, 1, device, owns_group=True, store_dir=store_dir)
+    return TrainingProcess(0, 1, device, owns_group=True, store_dir=store_dir)
 
 
-def teardown_distributed(d: Dist) -> None:
-    if d.owns_group and dist.is_initialized():
+def leave_process_group(process: TrainingProcess) -> None:
+    if process.owns_group and dist.is_initialized():
         dist.destroy_process_group()
-    if d.store_dir:
-        shutil.rmtree(d.store_dir, ignore_errors=True)
+    if process.store_dir:
+        shutil.rmtree(process.store_dir, ignore_errors=True)
+
+
+# --- device settings -----------------------------------------------------------------------------------
+
+def fused_sgd_supported(device: torch.device) -> bool:
+    """Whether the installed torch has a fused SGD kernel for `device`: one tiny step tells."""
+    probe = torch.zeros(1, device=device, requires_grad=True)
+    probe.grad = torch.zeros_like(probe)
+    try:
+        torch.optim.SGD([probe], lr=0.1, momentum=0.9, fused=True).step()
+    except RuntimeError:
+        return False
+    return True
+
+
+def configure_backends(params: Params, device: torch.device) -> list[str]:
+    """Apply the process-wide settings for `device`; returns the keys asked for that apply on CUDA only."""
+    # CPU runs repeat bit for bit (tests and resume rely on it); on a GPU the fast cuDNN kernels win.
+    torch.use_deterministic_algorithms(device.type == "cpu", warn_only=True)
+    torch.backends.cudnn.benchmark = device.type == "cuda"
+    if device.type != "cuda":
+        return [key for key, wanted in (("train.amp", params.train.amp), ("train.tf32", params.train.tf32)) if wanted]
+    # torch's float32 precision API that torch.compile's autotuner reads too (mixing it with the newer
+    # per-backend `fp32_precision` settings makes that read raise).
+    torch.set_float32_matmul_precision("high" if params.train.tf32 else "highest")
+    torch.backends.cudnn.allow_tf32 = params.train.tf32
+    return []
 
 
 # --- data --------------------------------------------------------------------------------------------
 
 @dataclass
-class Data:
+class TrainingData:
     classes: list[str]
     train: torch.utils.data.Dataset
     val: torch.utils.data.Dataset
@@ -110,12 +149,12 @@ class Data:
     vocab: Vocabulary | None  # SICoT mode only
 
 
-def load_data(params: Params) -> Data:
+def load_data(params: Params) -> TrainingData:
     from sicot.data.dataset import ProductDataset
     from sicot.data.longtail import class_counts
     from sicot.data.manifest import load_manifest
 
-    prepared, t = params.paths.prepared, params.train
+    prepared = params.paths.prepared
     labels_uri = storage.join(prepared, "labels.json")
     try:
         classes = json.loads(storage.read_text(labels_uri))["classes"]
@@ -126,15 +165,17 @@ def load_data(params: Params) -> Data:
         raise TrainError(f"{labels_uri}: classes differ from the SKUs in {prepared}/train.jsonl; "
                          "re-run prepare_data")
     vocab, encode = None, None
-    if t.mode == "sicot":
-        vocab = Vocabulary.load(params.paths.word2vec)
-        encode = lambda title: vocab.encode(title, t.max_title_len)  # noqa: E731
+    if params.train.mode == "sicot":
+        vocab, max_title_len = Vocabulary.load(params.paths.word2vec), params.train.max_title_len
+        encode = lambda title: vocab.encode(title, max_title_len)  # noqa: E731
     index = {sku: i for i, sku in enumerate(classes)}
     counts = class_counts(manifest.train)
-    return Data(classes=classes,
-                train=ProductDataset(prepared, manifest.train, index, t.image_size, encode_title=encode, augment=True),
-                val=ProductDataset(prepared, manifest.val, index, t.image_size, encode_title=encode),
-                train_counts=[counts[sku] for sku in classes], vocab=vocab)
+    image_size = params.train.image_size
+    return TrainingData(
+        classes=classes,
+        train=ProductDataset(prepared, manifest.train, index, image_size, encode_title=encode, augment=True),
+        val=ProductDataset(prepared, manifest.val, index, image_size, encode_title=encode),
+        train_counts=[counts[sku] for sku in classes], vocab=vocab)
 
 
 # --- model -------------------------------------------------------------------------------------------
@@ -144,36 +185,41 @@ def make_classifier(params: Params, dim: int, num_classes: int, group) -> torch.
     kind = params.train.fc
     if kind == "auto":
         kind = "sharded" if dist.get_world_size(group) > 1 else "replicated"
+    logits_dtype = LOGITS_DTYPES[params.train.fc_logits_dtype]
     if kind == "sharded":
         from sicot.parallel import ShardedClassifier
 
         return ShardedClassifier(dim, num_classes, group=group, chunk_rows=params.train.fc_chunk_rows,
-                                 sample_rate=params.train.fc_sample_rate, seed=params.train.seed)
-    return ReplicatedClassifier(dim, num_classes, seed=params.train.seed)
+                                 sample_rate=params.train.fc_sample_rate, seed=params.train.seed,
+                                 logits_dtype=logits_dtype)
+    return ReplicatedClassifier(dim, num_classes, seed=params.train.seed, logits_dtype=logits_dtype)
 
 
-def build_model(params: Params, num_classes: int, vocab, group) -> SICoT:
-    t = params.train
-    backbone, dim = create_backbone(t.backbone, t.backbone_weights, out_dim=t.feature_dim)
-    encoder = create_text_encoder(t.text_encoder, vocab.embeddings, dim) if t.mode == "sicot" else None
-    classifier = make_classifier(params, dim, num_classes, group)
-    cotraining = CoTraining(weight=t.cotrain_weight, rampup=t.cotrain_rampup)
+def build_model(params: Params, data: TrainingData, start: StartingPoint, group) -> SICoT:
+    backbone, dim = create_backbone(params.train.backbone, out_dim=params.train.feature_dim)
+    start.load_backbone(backbone)
+    encoder = None
+    if params.train.mode == "sicot":
+        encoder = create_text_encoder(params.train.text_encoder, data.vocab.embeddings, dim)
+    classifier = make_classifier(params, dim, len(data.classes), group)
+    start.load_classifier_rows(classifier, data.classes)
+    cotraining = CoTraining(weight=params.train.cotrain_weight, rampup=params.train.cotrain_rampup)
     return SICoT(backbone, dim, classifier, encoder, cotraining=cotraining)
 
 
-def fingerprint(params: Params, model: SICoT, classes: list[str], vocab) -> dict:
+def fingerprint(params: Params, model: SICoT, data: TrainingData) -> dict:
     """What a checkpoint must share with the current run to be resumed."""
-    t = params.train
+    mode = params.train.mode
     return {
-        "mode": t.mode,
+        "mode": mode,
         "classifier": "sharded" if is_sharded(model) else "replicated",
-        "backbone": t.backbone,
+        "backbone": params.train.backbone,
         "feature_dim": model.dim,
-        "image_size": t.image_size,
-        "text_encoder": t.text_encoder if t.mode == "sicot" else "",
-        "word_vectors": list(vocab.embeddings.shape) if vocab is not None else [],
-        "classes": len(classes),
-        "classes_sha256": hashlib.sha256("\n".join(classes).encode()).hexdigest(),
+        "image_size": params.train.image_size,
+        "text_encoder": params.train.text_encoder if mode == "sicot" else "",
+        "word_vectors": list(data.vocab.embeddings.shape) if data.vocab is not None else [],
+        "classes": len(data.classes),
+        "classes_sha256": hashlib.sha256("\n".join(data.classes).encode()).hexdigest(),
     }
 
 
@@ -221,14 +267,14 @@ def new_classifier_dir(epoch: int) -> str:
     return name[0]
 
 
-def save_checkpoint(model: SICoT, optimizer, scheduler, epoch: int, history: list, expected: dict,
-                    out_dir: str, d: Dist) -> None:
+def save_checkpoint(training: TrainingSetup, epoch: int, history: list, expected: dict, out_dir: str) -> None:
     """Collective. `checkpoint.pt` (rank 0) holds everything but a sharded classifier, which every rank
     writes to a new `classifier-<epoch>-<id>/` first. checkpoint.pt names that directory and is written
     last, in one atomic write (S3 has no directory rename): it is the commit point. Other classifier
     directories (earlier epochs, a killed run's leftovers) are deleted only after it, so a kill at any
     point leaves checkpoint.pt naming a complete directory."""
-    rng = [None] * d.world_size
+    model, optimizer = training.model, training.optimizer
+    rng = [None] * training.process.world_size
     dist.all_gather_object(rng, capture_rng())
     model_state, optim_state = model.state_dict(), optimizer.state_dict()
     classifier_dir = ""
@@ -240,9 +286,9 @@ def save_checkpoint(model: SICoT, optimizer, scheduler, epoch: int, history: lis
         model_state = {k: v for k, v in model_state.items() if not k.startswith("classifier.")}
         owned = set(optim_state["param_groups"][CLASSIFIER_GROUP]["params"])
         optim_state["state"] = {i: v for i, v in optim_state["state"].items() if i not in owned}
-    if d.is_main:
+    if training.process.is_main:
         save_torch({"format": CHECKPOINT_FORMAT, "fingerprint": expected, "epoch": epoch, "model": model_state,
-                    "optimizer": optim_state, "scheduler": scheduler.state_dict(), "rng": rng,
+                    "optimizer": optim_state, "scheduler": training.scheduler.state_dict(), "rng": rng,
                     "history": history, "classifier_dir": classifier_dir},
                    storage.join(out_dir, "checkpoint.pt"))
         for old in storage.list_children(out_dir):
@@ -270,25 +316,59 @@ def load_checkpoint(uri: str, expected: dict) -> dict:
     return blob
 
 
-def resume(model: SICoT, optimizer, scheduler, out_dir: str, expected: dict, d: Dist) -> tuple[int, list, dict | None]:
+def resume(training: TrainingSetup, out_dir: str, expected: dict) -> tuple[int, list, dict | None]:
     """Load the checkpoint into model, optimizer and scheduler: (epochs done, history, this rank's RNG
     state or None when the world size changed)."""
+    model, optimizer = training.model, training.optimizer
     blob = load_checkpoint(storage.join(out_dir, "checkpoint.pt"), expected)
     missing, unexpected = model.load_state_dict(blob["model"], strict=False)
     if unexpected or any(not k.startswith("classifier.") or not blob["classifier_dir"] for k in missing):
         raise TrainError(f"{out_dir}/checkpoint.pt: model state does not fit (missing {missing[:3]}, "
                          f"unexpected {unexpected[:3]})")
+    # Which SGD kernel runs is this run's choice (train.fused_optimizer, the device), not saved state.
+    kernels = [{key: group[key] for key in ("fused", "foreach")} for group in optimizer.param_groups]
     optimizer.load_state_dict(blob["optimizer"])
-    scheduler.load_state_dict(blob["scheduler"])
+    for group, chosen in zip(optimizer.param_groups, kernels):
+        group.update(chosen)
+    training.scheduler.load_state_dict(blob["scheduler"])
     if blob["classifier_dir"]:
         from sicot.parallel import checkpoint as sharded_checkpoint
 
         sharded_checkpoint.load(storage.join(out_dir, blob["classifier_dir"]), model.classifier, optimizer)
-    rng = blob["rng"][d.rank] if len(blob["rng"]) == d.world_size else None
+    process = training.process
+    rng = blob["rng"][process.rank] if len(blob["rng"]) == process.world_size else None
     return blob["epoch"], blob["history"], rng
 
 
 # --- loops --------------------------------------------------------------------------------------------
+
+@dataclass
+class TrainingSetup:
+    """What every epoch works on, built once by `train_in_group`."""
+    params: Params
+    process: TrainingProcess
+    group: dist.ProcessGroup
+    model: SICoT
+    streams: torch.nn.Module  # the data-parallel runner of model.streams
+    optimizer: torch.optim.Optimizer
+    scheduler: torch.optim.lr_scheduler.LRScheduler
+    sampler: DistributedSampler
+    loader: DataLoader
+    val_loader: DataLoader
+    log_prior: torch.Tensor | None  # log class prior, for logit adjustment
+
+    @property
+    def amp(self) -> bool:
+        return self.params.train.amp and self.process.device.type == "cuda"
+
+    def to_device(self, batch: dict) -> dict:
+        """The batch on this process's device, images in the memory layout the backbone runs in."""
+        device = self.process.device
+        moved = {k: v.to(device, non_blocking=True) if torch.is_tensor(v) else v for k, v in batch.items()}
+        if self.params.train.channels_last:
+            moved["image"] = moved["image"].contiguous(memory_format=torch.channels_last)
+        return moved
+
 
 def average_gradients(module: torch.nn.Module, group) -> None:
     """Mean gradient over ranks for parameters that live outside DDP (a replicated classifier)."""
@@ -299,32 +379,28 @@ def average_gradients(module: torch.nn.Module, group) -> None:
             p.grad /= world
 
 
-def to_device(batch: dict, device: torch.device) -> dict:
-    return {k: v.to(device, non_blocking=True) if torch.is_tensor(v) else v for k, v in batch.items()}
-
-
-def train_one_epoch(model: SICoT, streams, optimizer, loader, device, epoch: int, params: Params,
-                    log_prior, group, show: bool) -> dict:
+def train_one_epoch(training: TrainingSetup, epoch: int) -> dict:
     from tqdm import tqdm
 
+    model, optimizer, params, device = training.model, training.optimizer, training.params, training.process.device
     model.train()
-    amp = params.train.amp and device.type == "cuda"
     sync_classifier = isinstance(model.classifier, ReplicatedClassifier)
+    show = training.process.is_main
     # loss sum, visual sum, cotrain sum, correct, images: summed on device, read once per refresh.
     totals = torch.zeros(5, dtype=torch.float64, device=device)
     start = time.perf_counter()
-    bar = tqdm(loader, desc=f"{params.train.mode} epoch {epoch + 1}/{params.train.epochs}",
+    bar = tqdm(training.loader, desc=f"{params.train.mode} epoch {epoch + 1}/{params.train.epochs}",
                disable=not show, file=sys.stderr, dynamic_ncols=True, mininterval=1.0)
     for step, batch in enumerate(bar):
-        batch = to_device(batch, device)
+        batch = training.to_device(batch)
         labels = batch["label"]
-        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=amp):
-            loss, parts = model.training_loss(batch["image"], labels, batch.get("tokens"), log_prior,
-                                              params.train.logit_adjust_tau, streams=streams)
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=training.amp):
+            loss, parts = model.training_loss(batch["image"], labels, batch.get("tokens"), training.log_prior,
+                                              params.train.logit_adjust_tau, streams=training.streams)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         if sync_classifier:
-            average_gradients(model.classifier, group)
+            average_gradients(model.classifier, training.group)
         optimizer.step()
         n = labels.shape[0]
         predicted = model.classifier.topk(parts["features"].float(), 1)[1][:, 0]
@@ -333,8 +409,8 @@ def train_one_epoch(model: SICoT, streams, optimizer, loader, device, epoch: int
         if show and step % 10 == 0:
             seen = totals[4].item()
             bar.set_postfix(loss=f"{totals[0].item() / seen:.3f}",
-                            img_s=f"{seen * dist.get_world_size(group) / (time.perf_counter() - start):.0f}")
-    dist.all_reduce(totals, group=group)
+                            img_s=f"{seen * training.process.world_size / (time.perf_counter() - start):.0f}")
+    dist.all_reduce(totals, group=training.group)
     loss_sum, visual_sum, cotrain_sum, correct, seen = totals.tolist()
     seconds = time.perf_counter() - start
     out = {"loss": loss_sum / max(seen, 1), "visual_loss": visual_sum / max(seen, 1),
@@ -345,14 +421,15 @@ def train_one_epoch(model: SICoT, streams, optimizer, loader, device, epoch: int
 
 
 @torch.no_grad()
-def evaluate(model: SICoT, loader, device, amp: bool) -> float:
+def evaluate(training: TrainingSetup) -> float:
     """Top-1 of the visual stream alone (what the deployed model sees). Every rank scores the whole
     split: validation is small, and a class-sharded classifier needs all ranks in each top-k."""
+    model, device = training.model, training.process.device
     model.eval()
     correct = seen = 0
-    for batch in loader:
-        batch = to_device(batch, device)
-        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=amp):
+    for batch in training.val_loader:
+        batch = training.to_device(batch)
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=training.amp):
             features = model.backbone(batch["image"])
         predicted = model.classifier.topk(features.float(), 1)[1][:, 0]
         correct += int((predicted == batch["label"]).sum())
@@ -360,34 +437,36 @@ def evaluate(model: SICoT, loader, device, amp: bool) -> float:
     return correct / seen if seen else 0.0
 
 
-# --- main ---------------------------------------------------------------------------------------------
+# --- the run ------------------------------------------------------------------------------------------
 
-def make_optimizer(params: Params, model: SICoT):
+def make_optimizer(params: Params, model: SICoT, fused: bool):
     """SGD over two parameter groups, the encoders and the classifier (CLASSIFIER_GROUP), so a sharded
-    classifier's state can be checkpointed apart; StepLR decays both every epoch."""
-    t = params.train
+    classifier's state can be checkpointed apart; StepLR decays both every epoch. `fused`: SGD's fused
+    kernel, else torch's default for the device."""
     groups = [{"params": list(model.streams.parameters())}, {"params": list(model.classifier.parameters())}]
-    optimizer = torch.optim.SGD(groups, lr=t.lr, momentum=t.momentum, weight_decay=t.weight_decay)
-    return optimizer, torch.optim.lr_scheduler.StepLR(optimizer, step_size=1, gamma=t.lr_gamma)
+    optimizer = torch.optim.SGD(groups, lr=params.train.lr, momentum=params.train.momentum,
+                                weight_decay=params.train.weight_decay, fused=fused or None)
+    return optimizer, torch.optim.lr_scheduler.StepLR(optimizer, step_size=1, gamma=params.train.lr_gamma)
 
 
-def make_loaders(params: Params, data: Data, d: Dist):
+def make_loaders(params: Params, data: TrainingData, process: TrainingProcess):
     from sicot.data.dataset import collate
 
-    t = params.train
-    sampler = DistributedSampler(data.train, num_replicas=d.world_size, rank=d.rank, shuffle=True, seed=t.seed)
+    batch_size, workers = params.train.batch_size, params.train.workers
+    sampler = DistributedSampler(data.train, num_replicas=process.world_size, rank=process.rank, shuffle=True,
+                                 seed=params.train.seed)
     # BatchNorm cannot train on a last batch of one image: drop the ragged end when there is a full batch.
-    loader = DataLoader(data.train, batch_size=t.batch_size, sampler=sampler, num_workers=t.workers,
-                        collate_fn=collate, drop_last=len(sampler) >= t.batch_size,
-                        pin_memory=d.device.type == "cuda")
+    loader = DataLoader(data.train, batch_size=batch_size, sampler=sampler, num_workers=workers,
+                        collate_fn=collate, drop_last=len(sampler) >= batch_size,
+                        pin_memory=process.device.type == "cuda")
     val_loader = DataLoader(data.val, batch_size=params.evaluate.batch_size, shuffle=False,
-                            num_workers=t.workers, collate_fn=collate)
+                            num_workers=workers, collate_fn=collate)
     return sampler, loader, val_loader
 
 
-def wrap_streams(model: SICoT, params: Params, d: Dist):
+def wrap_streams(model: SICoT, params: Params, process: TrainingProcess):
     """The data-parallel runner of the two encoders (the classifier stays outside DDP)."""
-    ids = [d.device.index] if d.device.type == "cuda" else None
+    ids = [process.device.index] if process.device.type == "cuda" else None
     streams = torch.nn.parallel.DistributedDataParallel(model.streams, device_ids=ids)
     if not params.train.compile:
         return streams
@@ -398,110 +477,106 @@ def wrap_streams(model: SICoT, params: Params, d: Dist):
     return torch.compile(streams)
 
 
-def write_outputs(model: SICoT, params: Params, data: Data, history: list, out_dir: str, d: Dist) -> dict:
+def log_prior_of(data: TrainingData, params: Params, device: torch.device) -> torch.Tensor | None:
+    """log class prior of the training split, for logit adjustment (None when it is off)."""
+    if not params.train.logit_adjust_tau:
+        return None
+    counts = torch.tensor(data.train_counts, dtype=torch.float64, device=device)
+    return (counts / counts.sum()).log().float()
+
+
+def write_outputs(training: TrainingSetup, data: TrainingData, history: list, out_dir: str) -> dict:
     """model.pt (Recognizer), text_encoder.pt (SICoT) and history.json; collective, rank 0 writes."""
-    t = params.train
+    params, model = training.params, training.model
     weight = model.classifier.full_weight().detach().cpu()  # a collective for a sharded classifier
-    outputs = {"mode": t.mode, "model": storage.join(out_dir, "model.pt"),
+    outputs = {"mode": params.train.mode, "model": storage.join(out_dir, "model.pt"),
                "checkpoint": storage.join(out_dir, "checkpoint.pt"),
                "history": storage.join(out_dir, "history.json"), "epochs": len(history),
                "val_top1": history[-1]["val_top1"] if history else None}
     if model.text_encoder is not None:
         outputs["text_encoder"] = storage.join(out_dir, "text_encoder.pt")
-    if d.is_main:
-        arch = {"backbone": t.backbone, "feature_dim": model.dim}
-        Recognizer(model.backbone, weight, data.classes, t.image_size, arch).save(outputs["model"])
+    if training.process.is_main:
+        arch = {"backbone": params.train.backbone, "feature_dim": model.dim}
+        Recognizer(model.backbone, weight, data.classes, params.train.image_size, arch).save(outputs["model"])
         if model.text_encoder is not None:
-            save_text_encoder(model.text_encoder, t.text_encoder, data.vocab, t.max_title_len,
-                              outputs["text_encoder"])
+            save_text_encoder(model.text_encoder, params.train.text_encoder, data.vocab,
+                              params.train.max_title_len, outputs["text_encoder"])
         storage.write_text(outputs["history"], json.dumps(history, indent=2))
     return outputs
 
 
-def main(params: Params, d: Dist, track: bool = True) -> dict:
-    t = params.train
+def say(process: TrainingProcess, line: str) -> None:
+    """One line of the training log, from rank 0."""
+    if process.is_main:
+        print(line, file=sys.stderr)
+
+
+def train_in_group(params: Params, process: TrainingProcess, track: bool = True) -> dict:
+    """Train `params.train.mode` as `process` of the joined group; returns where the outputs are."""
     group = dist.group.WORLD
-    if t.threads > 0:
-        torch.set_num_threads(t.threads)
-    # CPU runs repeat bit for bit (tests and resume rely on it); on a GPU the fast cuDNN kernels win.
-    torch.use_deterministic_algorithms(d.device.type == "cpu", warn_only=True)
-    torch.backends.cudnn.benchmark = d.device.type == "cuda"
-    seed_everything(t.seed)
+    device = process.device
+    if params.train.threads > 0:
+        torch.set_num_threads(params.train.threads)
+    if cuda_only := configure_backends(params, device):
+        say(process, f"{', '.join(cuda_only)}: CUDA only, ignored on {device.type}")
+    fused = params.train.fused_optimizer and fused_sgd_supported(device)
+    if params.train.fused_optimizer and not fused:
+        say(process, f"train.fused_optimizer: torch {torch.__version__} has no fused SGD for {device.type}; "
+                     "ignored, its default SGD runs")
+    # A resumed run takes every weight from its checkpoint.
+    start = StartingPoint() if params.train.resume else load_starting_point(
+        params.train.backbone_weights, params.train.backbone, params.train.feature_dim)
+    seed_everything(params.train.seed)
 
     data = load_data(params)
-    model = build_model(params, len(data.classes), data.vocab, group).to(d.device)
-    optimizer, scheduler = make_optimizer(params, model)
-    out_dir = storage.join(params.paths.models, t.mode)
-    expected = fingerprint(params, model, data.classes, data.vocab)
+    model = build_model(params, data, start, group).to(device)
+    if params.train.channels_last:
+        model.to(memory_format=torch.channels_last)  # the convolutions' weights; 2-d parameters keep theirs
+    optimizer, scheduler = make_optimizer(params, model, fused)
+    out_dir = storage.join(params.paths.models, params.train.mode)
+    expected = fingerprint(params, model, data)
+    sampler, loader, val_loader = make_loaders(params, data, process)
+    training = TrainingSetup(params, process, group, model, wrap_streams(model, params, process), optimizer,
+                             scheduler, sampler, loader, val_loader, log_prior_of(data, params, device))
     start_epoch, history, rng = 0, [], None
-    if t.resume:
-        start_epoch, history, rng = resume(model, optimizer, scheduler, out_dir, expected, d)
-    streams = wrap_streams(model, params, d)
-    sampler, loader, val_loader = make_loaders(params, data, d)
-    log_prior = None
-    if t.logit_adjust_tau:
-        counts = torch.tensor(data.train_counts, dtype=torch.float64, device=d.device)
-        log_prior = (counts / counts.sum()).log().float()
-    amp = t.amp and d.device.type == "cuda"
+    if params.train.resume:
+        start_epoch, history, rng = resume(training, out_dir, expected)
+    else:
+        say(process, start.describe(data.classes))
     # The RNG stream picks up where the checkpoint left it; a fresh run gives each rank its own
     # augmentation draws (the model init above is shared).
     if rng is not None:
         restore_rng(rng)
     else:
-        torch.manual_seed(t.seed + d.rank)
+        torch.manual_seed(params.train.seed + process.rank)
 
-    with (tracking_run(params) if d.is_main and track else contextlib.nullcontext()) as run:
-        for epoch in range(start_epoch, t.epochs):
+    with (tracking.training_run(params) if process.is_main and track else contextlib.nullcontext()) as run:
+        for epoch in range(start_epoch, params.train.epochs):
             sampler.set_epoch(epoch)
             model.start_epoch(epoch)
             lr = optimizer.param_groups[0]["lr"]
-            stats = train_one_epoch(model, streams, optimizer, loader, d.device, epoch, params, log_prior,
-                                    group, show=d.is_main)
-            stats.update(epoch=epoch + 1, lr=lr, val_top1=evaluate(model, val_loader, d.device, amp))
+            stats = train_one_epoch(training, epoch)
+            stats.update(epoch=epoch + 1, lr=lr, val_top1=evaluate(training))
             scheduler.step()
             history.append(stats)
-            save_checkpoint(model, optimizer, scheduler, epoch + 1, history, expected, out_dir, d)
-            if d.is_main:
-                print(f"{t.mode} epoch {epoch + 1}/{t.epochs}: loss {stats['loss']:.4f} "
-                      f"train top-1 {stats['train_top1']:.3f} val top-1 {stats['val_top1']:.3f} "
-                      f"({stats['images_per_s']:.0f} img/s)", file=sys.stderr)
+            save_checkpoint(training, epoch + 1, history, expected, out_dir)
+            say(process, f"{params.train.mode} epoch {epoch + 1}/{params.train.epochs}: loss {stats['loss']:.4f} "
+                         f"train top-1 {stats['train_top1']:.3f} val top-1 {stats['val_top1']:.3f} "
+                         f"({stats['images_per_s']:.0f} img/s)")
             if run is not None:
-                import mlflow
-
-                mlflow.log_metrics({k: v for k, v in stats.items() if k != "epoch"}, step=epoch + 1)
-        outputs = write_outputs(model, params, data, history, out_dir, d)
+                tracking.log_metrics({k: v for k, v in stats.items() if k != "epoch"}, step=epoch + 1)
+        outputs = write_outputs(training, data, history, out_dir)
         if run is not None:
-            outputs["model_artifact"] = log_model_artifacts(outputs)
+            files = [outputs[key] for key in ("model", "text_encoder", "history") if key in outputs]
+            outputs["model_artifact"] = tracking.log_trained_model(files)
             outputs["run_id"] = run.info.run_id
     return outputs
 
 
-def log_model_artifacts(outputs: dict) -> str:
-    """Log model.pt, text_encoder.pt (SICoT) and history.json under `model/` of the active MLflow run;
-    returns model.pt's artifact path."""
-    from sicot import tracking
-
-    for key in ("model", "text_encoder", "history"):
-        if key in outputs:
-            tracking.log_file(outputs[key], tracking.MODEL_ARTIFACTS)
-    return f"{tracking.MODEL_ARTIFACTS}/model.pt"
-
-
-@contextlib.contextmanager
-def tracking_run(params: Params):
-    import mlflow
-
-    from sicot import tracking
-
-    with tracking.step_run("train_" + params.train.mode, params, sections=("data", "word2vec", "train")) as run:
-        mlflow.set_tag("sicot.mode", params.train.mode)
-        yield run
-
-
-def train(params: Params, track: bool = True) -> dict:
+def run_training(params: Params, track: bool = True) -> dict:
     """Train `params.train.mode` and return where its outputs are (`track=False`: no MLflow run)."""
-    d = setup_distributed(params.train.device)
+    process = join_process_group(params.train.device)
     try:
-        return main(params, d, track)
+        return train_in_group(params, process, track)
     finally:
-        teardown_distributed(d)
+        leave_process_group(process)

@@ -11,7 +11,7 @@ import pytest
 import yaml
 
 from sicot import storage, torchfile
-from sicot.train import train
+from sicot.train import run_training
 from tests.test_train import assert_same_weights, metrics, weights
 from tests.torchrun_nodes import train_on_nodes
 
@@ -41,7 +41,7 @@ def test_resume_from_s3_after_sigkill_ends_like_an_uninterrupted_run(tiny_world,
     from mlflow.artifacts import download_artifacts
 
     setup = ("train.mode=sicot", "train.fc=sharded", "train.epochs=3")
-    reference = train(tiny_world.params(tmp_path / "reference", *setup), track=False)
+    reference = run_training(tiny_world.params(tmp_path / "reference", *setup), track=False)
 
     params = tiny_world.params(tmp_path, *setup, f"paths.models={s3_bucket}/models")
     out = f"{s3_bucket}/models/sicot"
@@ -62,7 +62,7 @@ def test_resume_from_s3_after_sigkill_ends_like_an_uninterrupted_run(tiny_world,
     params.train.resume = True
     monkeypatch.chdir(tmp_path)
     monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path / 'mlflow.db'}")
-    resumed = train(params, track=True)
+    resumed = run_training(params, track=True)
     assert resumed["model"] == storage.join(out, "model.pt")
     logged = download_artifacts(run_id=resumed["run_id"], artifact_path=resumed["model_artifact"],
                                 dst_path=str(tmp_path / "fetched"))
@@ -116,8 +116,8 @@ def test_two_nodes_checkpoint_to_s3_and_resume_exactly_at_any_world_size(tiny_wo
     two_nodes_epoch1 = weights(f"{other}/sicot/model.pt")
     params.paths.models, params.train.resume = other, True
     params.train.epochs = 1
-    assert_same_weights(weights(train(params, track=False)["model"]), two_nodes_epoch1)
+    assert_same_weights(weights(run_training(params, track=False)["model"]), two_nodes_epoch1)
     params.train.epochs = 2
-    train(params, track=False)
+    run_training(params, track=False)
     history = history_of(f"{other}/sicot")
     assert len(history) == 2 and metrics(history[:1]) == metrics(history_of(f"{full}/sicot")[:1])

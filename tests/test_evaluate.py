@@ -72,12 +72,12 @@ def test_attention_view_marks_top_and_bottom_words():
 def test_evaluate_model_writes_the_reports(tiny_world, tmp_path, monkeypatch):
     """Both models trained on the tiny world: every report of the contract is written and logged."""
     from components import evaluate_model
-    from sicot.train import train
+    from sicot.train import run_training
 
     monkeypatch.chdir(tmp_path)
     monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path / 'mlflow.db'}")
     for mode in ("baseline", "sicot"):
-        train(tiny_world.params(tmp_path, f"train.mode={mode}", "train.epochs=1"), track=False)
+        run_training(tiny_world.params(tmp_path, f"train.mode={mode}", "train.epochs=1"), track=False)
     params = tiny_world.params(tmp_path)
     out = evaluate_model.run(params)
 

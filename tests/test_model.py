@@ -12,6 +12,7 @@ from sicot.model import text_encoders
 from sicot.model.classifier import ReplicatedClassifier
 from sicot.model.recognizer import Recognizer, RecognizerError
 from sicot.model.sicot import SICoT
+from sicot.model.starting_point import StartingPointError, load_starting_point
 
 VOCAB, WORD_DIM, OUT = 12, 6, 10
 
@@ -71,20 +72,126 @@ def test_backbones_give_features_of_their_width(name):
     assert model.eval()(torch.randn(2, 3, 32, 32)).shape == (2, dim)
 
 
-def test_backbone_projection_and_local_weights(tmp_path):
+def test_backbone_projection_and_unknown_name():
+    model, dim = backbones.create_backbone("resnet18", out_dim=128)
+    assert dim == 128 and model(torch.randn(2, 3, 32, 32)).min() >= 0
+    assert backbones.trunk(model) is model[0]
+    with pytest.raises(backbones.BackboneError, match="unknown backbone 'vgg16'.*resnet18"):
+        backbones.create_backbone("vgg16")
+
+
+# --- starting points (train.backbone_weights) -----------------------------------------------------
+
+RESNET18_IMAGENET_FILE = "resnet18-f37072fd.pth"  # the file name in torchvision's URL for IMAGENET1K_V1
+
+
+def resnet18_state(seed: int) -> dict:
+    """A torchvision resnet18 state_dict with its ImageNet head, as torchvision ships its weights."""
     from torchvision.models import resnet18
 
-    reference = resnet18(weights=None)
-    torch.save(reference.state_dict(), tmp_path / "r18.pt")  # with its ImageNet head, as torchvision ships it
-    model, dim = backbones.create_backbone("resnet18", str(tmp_path / "r18.pt"), out_dim=128)
-    assert dim == 128 and model(torch.randn(2, 3, 32, 32)).min() >= 0
-    torch.testing.assert_close(model[0].conv1.weight, reference.conv1.weight)
-    with pytest.raises(backbones.BackboneError, match="do not fit resnet50"):
-        backbones.create_backbone("resnet50", str(tmp_path / "r18.pt"))
-    with pytest.raises(backbones.BackboneError, match="file not found"):
-        backbones.create_backbone("resnet18", str(tmp_path / "missing.pt"))
-    with pytest.raises(backbones.BackboneError, match="unknown backbone"):
-        backbones.create_backbone("vgg16")
+    torch.manual_seed(seed)
+    return resnet18(weights=None).state_dict()
+
+
+@pytest.fixture
+def offline_hub(tmp_path, monkeypatch):
+    """torch.hub's cache in tmp_path ($TORCH_HOME), and any download an error."""
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch"))
+
+    def no_network(url, *args, **kwargs):
+        raise OSError(f"no network here (asked for {url})")
+
+    monkeypatch.setattr(torch.hub, "download_url_to_file", no_network)
+    return tmp_path / "torch" / "hub" / "checkpoints"
+
+
+def assert_same_state(a: dict, b: dict) -> None:
+    assert a.keys() == b.keys()
+    for key in a:
+        assert torch.equal(a[key], b[key]), key
+
+
+@pytest.mark.parametrize("name", ["IMAGENET1K_V1", "DEFAULT"])
+def test_torchvision_weights_come_from_torch_hubs_cache(offline_hub, name):
+    """An offline machine pre-seeds $TORCH_HOME/hub/checkpoints/ with the file torchvision names."""
+    imagenet = resnet18_state(seed=1)
+    offline_hub.mkdir(parents=True)
+    torch.save(imagenet, offline_hub / RESNET18_IMAGENET_FILE)
+    start = load_starting_point(name, "resnet18", 64)
+    backbone, _ = backbones.create_backbone("resnet18", out_dim=64)
+    start.load_backbone(backbone)
+    assert_same_state(backbones.trunk(backbone).state_dict(),
+                      {k: v for k, v in imagenet.items() if not k.startswith("fc.")})
+
+
+def test_torchvision_weights_errors_name_the_key_and_the_cache(offline_hub):
+    with pytest.raises(StartingPointError, match=f"train.backbone_weights=IMAGENET1K_V1: .*not in torch.hub's "
+                                                 f"cache.*{RESNET18_IMAGENET_FILE}"):
+        load_starting_point("IMAGENET1K_V1", "resnet18", 512)
+    with pytest.raises(StartingPointError, match="IMAGENET1K_V9: not a torchvision weights name of resnet18 "
+                                                 r"\(known: IMAGENET1K_V1, DEFAULT\)"):
+        load_starting_point("IMAGENET1K_V9", "resnet18", 512)
+
+
+def test_a_state_dict_file_starts_the_resnet(tmp_path):
+    state = resnet18_state(seed=2)
+    torch.save(state, tmp_path / "r18.pt")
+    start = load_starting_point(str(tmp_path / "r18.pt"), "resnet18", 128)
+    backbone, _ = backbones.create_backbone("resnet18", out_dim=128)
+    projection = backbone[1].weight.clone()
+    start.load_backbone(backbone)
+    torch.testing.assert_close(backbone[0].conv1.weight, state["conv1.weight"])
+    assert torch.equal(backbone[1].weight, projection)  # the projection is not the ResNet's: it stays as built
+    with pytest.raises(StartingPointError, match="do not fit the backbone"):
+        load_starting_point(str(tmp_path / "r18.pt"), "resnet50", 128).load_backbone(
+            backbones.create_backbone("resnet50")[0])
+
+
+@pytest.mark.parametrize("spec, says", [
+    ("missing.pt", "missing.pt: file not found; it accepts a torchvision weights name"),
+    ("list.pt", "neither a sicot model nor a state_dict"),
+])
+def test_starting_point_errors_say_what_is_accepted(tmp_path, monkeypatch, spec, says):
+    monkeypatch.chdir(tmp_path)
+    torch.save([torch.zeros(1)], tmp_path / "list.pt")
+    with pytest.raises(StartingPointError, match="train.backbone_weights") as error:
+        load_starting_point(spec, "resnet18", 512)
+    assert says in str(error.value) and "models:/<name>@<alias>" in str(error.value)
+
+
+def test_a_previous_sicot_model_gives_its_visual_stream_and_the_rows_of_shared_skus(tmp_path):
+    torch.manual_seed(0)
+    backbone, dim = backbones.create_backbone("resnet18", out_dim=8)
+    arch = {"backbone": "resnet18", "feature_dim": 8}
+    previous = Recognizer(backbone, torch.randn(3, dim), ["A", "B", "C"], 16, arch)
+    previous.save(str(tmp_path / "model.pt"))
+
+    start = load_starting_point(str(tmp_path / "model.pt"), "resnet18", 8)
+    fresh, _ = backbones.create_backbone("resnet18", out_dim=8)
+    start.load_backbone(fresh)
+    assert_same_state(fresh.state_dict(), backbone.state_dict())
+    classifier = ReplicatedClassifier(8, 4, seed=3)
+    untouched = classifier.weight.detach().clone()
+    assert start.load_classifier_rows(classifier, ["C", "NEW1", "A", "NEW2"]) == 2
+    assert torch.equal(classifier.weight[0], previous.weight[2])
+    assert torch.equal(classifier.weight[2], previous.weight[0])
+    assert torch.equal(classifier.weight[1], untouched[1]) and torch.equal(classifier.weight[3], untouched[3])
+    assert "2 of 4 SKUs" in start.describe(["C", "NEW1", "A", "NEW2"])
+
+    with pytest.raises(StartingPointError, match="a sicot model of resnet18 with feature_dim 8, but this run trains "
+                                                 "resnet18 with feature_dim 512; set train.backbone=resnet18 and "
+                                                 "train.feature_dim=8"):
+        load_starting_point(str(tmp_path / "model.pt"), "resnet18", 512)
+
+
+def test_logits_dtype_holds_inside_autocast():
+    clf = ReplicatedClassifier(4, 3)
+    features = torch.randn(2, 4)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        assert clf.logits(features).dtype == torch.bfloat16  # follows the autocast
+        clf.logits_dtype = torch.float32
+        assert clf.logits(features).dtype == torch.float32
+    torch.testing.assert_close(clf.logits(features), features @ clf.weight.t())
 
 
 # --- losses against hand computation --------------------------------------------------------------

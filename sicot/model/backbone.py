@@ -1,15 +1,13 @@
 """Visual backbones: torchvision ResNets without their classification head, from a small registry.
 
-Weights are random, or a torchvision state_dict read from a local file or s3:// URI: nothing is ever
-downloaded, so training runs the same offline, in CI and in a pod.
+They start random; `sicot.model.starting_point` loads what a training run starts from (torchvision's
+ImageNet weights, last season's sicot model, a state_dict file).
 """
 from __future__ import annotations
 
-from typing import Callable
+from collections.abc import Callable
 
 from torch import nn
-
-from sicot import torchfile
 
 _REGISTRY: dict[str, tuple[Callable[[], nn.Module], int]] = {}
 
@@ -47,25 +45,8 @@ def _resnet50() -> nn.Module:
     return resnet50(weights=None)
 
 
-def _load_weights(model: nn.Module, name: str, uri: str) -> None:
-    try:
-        state = torchfile.load(uri, "backbone weights file")
-    except FileNotFoundError:
-        raise BackboneError(f"backbone weights {uri}: file not found") from None
-    except torchfile.TorchFileError as exc:
-        raise BackboneError(str(exc)) from None
-    if not isinstance(state, dict):
-        raise BackboneError(f"backbone weights {uri}: expected a state_dict, got {type(state).__name__}")
-    state = {k: v for k, v in state.items() if not k.startswith("fc.")}  # the ImageNet head is not used
-    try:
-        model.load_state_dict(state)
-    except RuntimeError as exc:
-        detail = " ".join(line.strip() for line in str(exc).splitlines()[1:3])
-        raise BackboneError(f"backbone weights {uri} do not fit {name}: {detail[:300]}") from None
-
-
-def create_backbone(name: str, weights: str = "", out_dim: int = 0) -> tuple[nn.Module, int]:
-    """(module mapping images [B,3,S,S] to features [B,d], d).
+def create_backbone(name: str, out_dim: int = 0) -> tuple[nn.Module, int]:
+    """(module mapping images [B,3,S,S] to features [B,d], d), randomly initialised.
 
     `out_dim` > 0 and different from the ResNet's width adds Linear+ReLU to that size: a narrower
     feature keeps a classifier over very many classes affordable, and ReLU keeps the features
@@ -76,8 +57,12 @@ def create_backbone(name: str, weights: str = "", out_dim: int = 0) -> tuple[nn.
     builder, dim = _REGISTRY[name]
     model = builder()
     model.fc = nn.Identity()
-    if weights:
-        _load_weights(model, name, weights)
     if out_dim and out_dim != dim:
         return nn.Sequential(model, nn.Linear(dim, out_dim), nn.ReLU(inplace=True)), out_dim
     return model, dim
+
+
+def trunk(backbone: nn.Module) -> nn.Module:
+    """The ResNet inside a backbone `create_backbone` made: torchvision's module, whose state_dict keys
+    torchvision's weights use."""
+    return backbone[0] if isinstance(backbone, nn.Sequential) else backbone

@@ -1,7 +1,8 @@
 """The shared classifier W [C, d] (no bias) that scores visual and mixed features alike.
 
 This is the interface every classifier honours, the class-sharded one in `sicot.parallel` included:
-`loss`, `topk`, `logits`, `full_weight`. The replicated form keeps all of W on every rank.
+`loss`, `topk`, `full_weight`, and `weight` holding the rows of `class_range`. The replicated form keeps
+all of W on every rank.
 """
 from __future__ import annotations
 
@@ -22,18 +23,28 @@ def masked_cross_entropy(logits: torch.Tensor, labels: torch.Tensor, mask: torch
 
 class ReplicatedClassifier(nn.Module):
     """`seed` fixes the initial W, row for row the same as the sharded classifier's, so both forms start
-    from one model."""
+    from one model. `logits_dtype`: the logits' precision, e.g. torch.float32 inside a bf16 autocast;
+    None follows an enclosing autocast, as the sharded classifier does."""
 
-    def __init__(self, dim: int, num_classes: int, seed: int = 0):
+    def __init__(self, dim: int, num_classes: int, seed: int = 0, logits_dtype: torch.dtype | None = None):
         super().__init__()
         self.weight = nn.Parameter(init_rows(0, num_classes, dim, seed))
+        self.logits_dtype = logits_dtype
 
     @property
     def num_classes(self) -> int:
         return self.weight.shape[0]
 
+    @property
+    def class_range(self) -> tuple[int, int]:
+        """[start, stop) of the classes whose rows `weight` holds: all of them."""
+        return 0, self.num_classes
+
     def logits(self, features: torch.Tensor) -> torch.Tensor:
-        return features @ self.weight.t()
+        if self.logits_dtype is None:
+            return features @ self.weight.t()
+        with torch.autocast(features.device.type, enabled=False):
+            return features.to(self.logits_dtype) @ self.weight.to(self.logits_dtype).t()
 
     def loss(self, features: torch.Tensor, labels: torch.Tensor, mask: torch.Tensor | None = None,
              log_prior: torch.Tensor | None = None, tau: float = 0.0) -> torch.Tensor:

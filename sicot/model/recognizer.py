@@ -7,7 +7,7 @@ that the weights fit the architecture it names, and says which of the two failed
 from __future__ import annotations
 
 import io
-from typing import Sequence
+from collections.abc import Sequence
 
 import torch
 import torch.nn.functional as F
@@ -72,16 +72,21 @@ class Recognizer(nn.Module):
         storage.write_bytes(uri, buffer.getvalue())
 
     @classmethod
-    def load(cls, uri: str, map_location: str | torch.device = "cpu") -> "Recognizer":
+    def load(cls, uri: str, map_location: str | torch.device = "cpu") -> Recognizer:
         try:
             blob = torchfile.load(uri, "model file", map_location)
         except FileNotFoundError:
             raise RecognizerError(f"{uri}: model file not found") from None
         except torchfile.TorchFileError as exc:
             raise RecognizerError(str(exc)) from None
-        if not isinstance(blob, dict) or blob.get("format") != FORMAT:
+        if not is_saved_recognizer(blob):
             found = blob.get("format", "no format tag") if isinstance(blob, dict) else type(blob).__name__
             raise RecognizerError(f"{uri}: not a sicot recognizer (expected format {FORMAT!r}, found {found!r})")
+        return cls.from_saved(blob, uri)
+
+    @classmethod
+    def from_saved(cls, blob: dict, uri: str) -> Recognizer:
+        """The model in `save`'s contents, already read from `uri` (named in errors)."""
         arch, state = blob["arch"], blob["state_dict"]
         backbone, dim = create_backbone(arch["backbone"], out_dim=arch["feature_dim"])
         weight = state.get("weight")
@@ -98,3 +103,8 @@ class Recognizer(nn.Module):
                                   f"({arch['backbone']}, feature_dim {arch['feature_dim']}): "
                                   + " ".join(line.strip() for line in first)) from None
         return model.eval()
+
+
+def is_saved_recognizer(blob) -> bool:
+    """Whether the contents of a torch file are a `Recognizer.save`."""
+    return isinstance(blob, dict) and blob.get("format") == FORMAT

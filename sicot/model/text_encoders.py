@@ -29,7 +29,7 @@ The others serve the ablation: `mean` (masked average), `bilstm` (last states of
 from __future__ import annotations
 
 import io
-from typing import Callable
+from collections.abc import Callable
 
 import numpy as np
 import torch
@@ -39,7 +39,7 @@ from torch.nn.utils.rnn import pack_padded_sequence, pad_packed_sequence
 from sicot import storage, torchfile
 from sicot.text.word2vec import Vocabulary
 
-_REGISTRY: dict[str, Callable[..., "TextEncoder"]] = {}
+_REGISTRY: dict[str, Callable[..., TextEncoder]] = {}
 
 
 def register(name: str):
@@ -53,7 +53,7 @@ def available() -> list[str]:
     return sorted(_REGISTRY)
 
 
-def create_text_encoder(name: str, embeddings, out_dim: int, **kwargs) -> "TextEncoder":
+def create_text_encoder(name: str, embeddings, out_dim: int, **kwargs) -> TextEncoder:
     """`embeddings`: the [V, D] starting table (numpy or tensor), row 0 = padding."""
     if name not in _REGISTRY:
         raise ValueError(f"unknown text encoder {name!r} (known: {', '.join(available())})")
