@@ -40,9 +40,7 @@ def run(params: Params, track: bool = True) -> dict:
         from sicot import tracking
 
         with tracking.step_run("train_word2vec", params, sections=("word2vec",)) as run_:
-            import mlflow
-
-            mlflow.log_metrics({k: float(outputs[k]) for k in ("titles", "words", "vocabulary")})
+            tracking.log_metrics({k: outputs[k] for k in ("titles", "words", "vocabulary")})
             outputs["run_id"] = run_.info.run_id
     print(f"train_word2vec: {outputs['vocabulary']} words x {outputs['dim']} from {outputs['titles']} titles "
           f"-> {out}", file=sys.stderr)
@@ -52,7 +50,7 @@ def run(params: Params, track: bool = True) -> dict:
 def main(argv: list[str] | None = None) -> None:
     from components.cli import main as cli_main
 
-    cli_main(run, __doc__.splitlines()[0], argv, extra=lambda p: p.add_argument(
+    cli_main(run, __doc__.splitlines()[0], argv, sections=("word2vec", "paths"), extra=lambda p: p.add_argument(
         "--no-track", dest="track", action="store_false", help="do not log to MLflow"))
 
 

@@ -98,3 +98,106 @@ def test_locations_come_from_file_then_environment_then_set(monkeypatch):
     monkeypatch.setenv("SICOT_PREPARED", "s3://bucket/data/prepared")
     params = load_params("params.yaml", ["paths.prepared=/elsewhere"])
     assert params.paths.index == "s3://bucket/index_store" and params.paths.prepared == "/elsewhere"
+
+
+def test_every_key_has_help_and_every_section_a_docstring():
+    import dataclasses
+
+    from sicot.config_docs import sections
+
+    undocumented = [name for name, kind in sections() if kind.__doc__.startswith(f"{kind.__name__}(")]
+    undocumented += [f"{name}.{key.name}" for name, kind in sections() for key in dataclasses.fields(kind)
+                     if not key.metadata.get("help", "").strip()]
+    assert undocumented == []
+
+
+def test_params_yaml_and_readme_table_are_generated_from_the_schema():
+    from pathlib import Path
+
+    from sicot.config_docs import generated
+
+    root = Path(__file__).resolve().parents[1]
+    for path, text in generated(root / "params.yaml", root / "README.md").items():
+        assert path.read_text(encoding="utf-8") == text, \
+            f"{path.name} is out of date: run `python -m sicot.config_docs --write`"
+
+
+def test_writing_params_yaml_keeps_its_values(tmp_path, monkeypatch, capsys):
+    from sicot import config_docs
+
+    params, readme = tmp_path / "params.yaml", tmp_path / "README.md"
+    params.write_text("train:\n  lr: 0.05\n  mode: baseline\n")
+    readme.write_text(f"# x\n{config_docs.README_BEGIN}\nold table\n{config_docs.README_END}\nrest\n")
+    monkeypatch.setenv("SICOT_INDEX", "s3://elsewhere/index")  # the environment is not the file's value
+    args = ["--params", str(params), "--readme", str(readme)]
+    assert config_docs.main(["--check", *args]) == 1
+    assert "params.yaml: out of date" in capsys.readouterr().err
+    assert config_docs.main(["--write", *args]) == 0 and config_docs.main(["--check", *args]) == 0
+    written = load_params(params, environ={})
+    assert (written.train.lr, written.train.mode, written.paths.index) == (0.05, "baseline", "index_store")
+    text = params.read_text()
+    assert "  on_bad_record: error          # [error | skip] error: stop, listing every bad record" in text
+    assert "| `train.lr` | float | `0.1` | > 0 | SGD learning rate of the first epoch |" in readme.read_text()
+    assert readme.read_text().endswith(f"{config_docs.README_END}\nrest\n") and "old table" not in readme.read_text()
+
+
+def test_readme_without_markers_is_an_error(tmp_path):
+    from sicot import config_docs
+
+    (tmp_path / "README.md").write_text("# no table\n")
+    with pytest.raises(ConfigError, match=r"README\.md: no settings table markers"):
+        config_docs.generated(tmp_path / "params.yaml", tmp_path / "README.md")
+
+
+def test_allowed_values_read_as_written():
+    import dataclasses
+
+    from sicot.config import Data, Promote, Train
+    from sicot.config_docs import allowed
+
+    key = {f"{kind.__name__}.{f.name}": f for kind in (Data, Promote, Train) for f in dataclasses.fields(kind)}
+    assert allowed(key["Train.mode"]) == "baseline | sicot"
+    assert allowed(key["Train.lr"]) == "> 0"
+    assert allowed(key["Train.fc_sample_rate"]) == "(0, 1]"
+    assert allowed(key["Data.title_noise"]) == "[0, 1]"
+    assert allowed(key["Train.epochs"]) == ">= 1"
+    assert allowed(key["Data.source"]) == ""
+
+
+def test_step_help_lists_the_keys_of_its_sections(capsys):
+    from components import train_model
+
+    with pytest.raises(SystemExit):
+        train_model.main(["--help"])
+    text = capsys.readouterr().out
+    assert "  train.cotrain_rampup  int, default 4, >= 0\n" in text
+    assert "epochs over which λ grows from 0" in text
+    assert "  train.mode  str, default sicot, baseline | sicot\n" in text
+    assert "evaluate.batch_size" in text and "data.skus" not in text  # training reads no data.* key
+
+
+def test_recording_reads_sees_reads_not_logging():
+    from sicot.config import Train, recording_reads
+
+    params = load_params(None)
+    with recording_reads() as reads:
+        params.train.lr, params.data.seed, params.paths.anchored("/elsewhere")
+        params.flat(), params.to_dict()
+    assert reads - {f"paths.{key}" for key in params.to_dict()["paths"]} == {"train.lr", "data.seed"}
+    assert "__getattribute__" not in vars(Train)  # recording ends with the block
+
+
+def test_a_step_records_what_it_read_and_imported(tmp_path, monkeypatch):
+    import json
+
+    from components import cli
+
+    record = tmp_path / "reads.jsonl"
+    monkeypatch.setenv(cli.RECORD_READS, str(record))
+    monkeypatch.setenv("DVC_STAGE", "train_sicot")
+    cli.main(lambda params: {"lr": params.train.lr}, "test", [], sections=("train",))
+    cli.main(lambda params: {"seed": params.word2vec.seed}, "test", [], sections=("word2vec",))
+    first, second = (json.loads(line) for line in record.read_text().splitlines())
+    assert (first["stage"], first["sections"], first["keys"]) == ("train_sicot", ["train"], ["train.lr"])
+    assert {"components/cli.py", "sicot/config.py"} <= set(first["modules"])
+    assert second["keys"] == ["word2vec.seed"]

@@ -10,18 +10,18 @@ from __future__ import annotations
 import json
 import os
 import shutil
+from collections.abc import Iterable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath
-from typing import Iterable
 
 from sicot import storage
+from sicot.config import ON_BAD_RECORD
 from sicot.data.images import ImageError, decode_image
 
 SPLITS = ("train", "val", "test")
 CATALOG = "catalog"
 HOLDOUT = "holdout"
-ON_BAD_RECORD = ("error", "skip")
 
 
 @dataclass(frozen=True)
