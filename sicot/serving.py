@@ -13,6 +13,14 @@ New arrivals are catalog SKUs the classifier was never trained on (class_index -
 classifier cannot name them, so every answer also lists the nearest of them by image-embedding cosine,
 above `min_similarity`, with the same facts; the list is empty when the index holds none.
 
+Requests that arrive together share a forward pass: each request decodes its own images in its own
+thread (MLflow's scoring server runs every request in a thread of asyncio's default pool, min(32, CPUs
++ 4) threads, which also caps the requests one pass can serve), then a
+`sicot.batching.Batcher` runs the decoded images of concurrent requests through the model together,
+up to `max_batch` images per pass, waiting at most `max_wait_ms` for others to join when the worker is
+idle, one pass at a time per worker. Each request gets its own rows back; a bad image never reaches the
+batch (it is answered with its error during decoding), so it cannot fail its neighbours.
+
 The product index is found at `$SICOT_INDEX` (the location every step reads as `paths.index`), else at
 the one logged with the model. Its facts come from the version `index/CURRENT` names: every
 `index_refresh_s` seconds (`$SICOT_SERVE_INDEX_REFRESH_S` overrides it per deployment; 0 = never) a
@@ -26,7 +34,8 @@ Limits on hostile input (`serve.*`, logged in the model's config): the image cou
 every image's header (`formats`, an allow-list handed to Pillow so other parsers never run;
 `max_pixels` per image; `max_request_pixels` for the request as a whole) are checked before any image
 is decoded, and at most `max_decodes` images are decoded at once in a worker, so its decode memory is
-bounded whatever the number of clients; a JPEG is decoded at reduced scale (`JPEG_MARGIN`). The
+bounded whatever the number of clients; a JPEG is decoded at reduced scale (`JPEG_MARGIN`). One forward
+pass of at most `max_batch` images runs at a time in a worker, which bounds its activation memory. The
 request-body limit (`max_request_bytes`) is the HTTP server's: `sicot.serving_app`.
 
 The model is logged from code, not pickled: its code file is `served_model.py`, a stub that imports
@@ -49,6 +58,7 @@ from pathlib import Path
 from time import monotonic
 from typing import Any
 
+from sicot.batching import Batcher
 from sicot.data.images import FormatNotAccepted, ImageError, decode_opened, open_image, to_tensor
 
 log = logging.getLogger(__name__)
@@ -114,8 +124,8 @@ class Recognition:
 
     def __init__(self, model_path: str, index_root: str | None, top_k: int = 3, min_score: float = 0.2,
                  max_images: int = 64, max_pixels: int = 16_000_000, min_similarity: float = 0.5,
-                 max_request_pixels: int = 64_000_000, max_decodes: int = 2, formats: str = "JPEG,PNG,WEBP",
-                 index_refresh_s: float = 30.0):
+                 max_request_pixels: int = 64_000_000, max_decodes: int = 2, max_batch: int = 32,
+                 max_wait_ms: float = 2.0, formats: str = "JPEG,PNG,WEBP", index_refresh_s: float = 30.0):
         from sicot.model.recognizer import Recognizer
 
         self.model = Recognizer.load(model_path)  # its topk/embed run without autograd
@@ -123,6 +133,7 @@ class Recognition:
         self.max_images, self.max_pixels, self.max_request_pixels = max_images, max_pixels, max_request_pixels
         self.formats = accepted_formats(formats)
         self.decodes = threading.BoundedSemaphore(max_decodes)
+        self.batcher = Batcher(self._forward, max_batch, max_wait_ms / 1000)
         self.index_root, self.index_refresh_s = index_root, index_refresh_s
         self.products = self._first_products()
         self._checking = threading.Lock()  # held while a check of CURRENT runs: one at a time
@@ -136,8 +147,9 @@ class Recognition:
         if not self.index_root:
             return Products()
         pointer, token = index.read_current(self.index_root)
-        if pointer is None:
-            log.warning("no product index published under %s yet: answers carry SKU ids only", self.index_root)
+        if pointer is None:  # a warning only when nothing will pick up the first index (refresh off)
+            (log.info if self.index_refresh_s else log.warning)(
+                "no product index published under %s yet: answers carry SKU ids only until one is", self.index_root)
             return Products()
         return self._products(index.load_current(self.index_root), token)  # damaged at start: an error
 
@@ -221,29 +233,34 @@ class Recognition:
             except ImageError as exc:
                 answers[row] = self._error(f"image {row}: {exc}", products.version)
         self._check_request_pixels(opened)
-        batch, rows = [], []
+        inputs, rows = [], []  # this request's decoded images, ready for the model
         for row in list(opened):
             img = opened.pop(row)  # dropped once decoded: one full-size image at a time per request
             try:
-                batch.append(self._pixels(img))
+                inputs.append(self._pixels(img))
                 rows.append(row)
             except ImageError as exc:
                 answers[row] = self._error(f"image {row}: {_described(img)}: {exc}", products.version)
-        if batch:
+        if inputs:
             import torch
 
-            if products.arrivals:
-                scores, classes, features = self.model.topk_and_embed(torch.stack(batch), self.top_k)
-                similar = self._nearest_arrivals(features, products.arrivals)
-            else:
-                scores, classes = self.model.topk(torch.stack(batch), self.top_k)
-                similar = [[] for _ in rows]
-            for row, s, c, new in zip(rows, scores.tolist(), classes.tolist(), similar):
+            scores, classes, features = zip(*self.batcher(inputs))  # with the images of concurrent requests
+            similar = (self._nearest_arrivals(torch.stack(features), products.arrivals) if products.arrivals
+                       else [[] for _ in rows])
+            for row, s, c, new in zip(rows, scores, classes, similar):
                 matches = [{**self._facts(ci, products.facts), "score": round(si, 6)} for si, ci in zip(s, c)
                            if si >= self.min_score]
                 answers[row] = {"status": "ok" if matches or new else "no_match", "matches": matches,
                                 "new_arrivals": new, "index_version": products.version}
         return answers
+
+    def _forward(self, images: list) -> list[tuple[list[float], list[int], Any]]:
+        """One backbone pass over a batch of model inputs: per image, its top-k (scores, class indices) and
+        its embedding."""
+        import torch
+
+        scores, classes, features = self.model.topk_and_embed(torch.stack(images), self.top_k)
+        return list(zip(scores.tolist(), classes.tolist(), features))
 
     def _open(self, data: Any):
         """The image with only its header read, refused unless its format and size are allowed."""
@@ -350,6 +367,7 @@ def recognition_limits(serve) -> dict:
 
 
 try:
+    import pandas as pd  # an mlflow dependency
     from mlflow.pyfunc import PythonModel
 except ImportError:  # mlflow is a dependency; this keeps `Recognition` importable without it
     PythonModel = object
@@ -366,7 +384,8 @@ class RecognitionService(PythonModel):
         self.service = Recognition(context.artifacts["model"], os.environ.get(INDEX_ENV) or cfg.get("index_root"),
                                    **recognition_limits(self.limits))
 
-    def predict(self, context, model_input, params=None):
+    # A DataFrame hint: MLflow checks the input against the logged signature, not against the hint
+    def predict(self, context, model_input: pd.DataFrame, params=None):
         try:
             column = model_input["image"]
         except (KeyError, TypeError):

@@ -15,6 +15,7 @@ import io
 import json
 import os
 import shutil
+import signal
 import socket
 import struct
 import subprocess
@@ -394,6 +395,38 @@ def test_a_pickled_model_is_refused(deployed, tmp_path):
         verify_model_code(pickled)
 
 
+# ---- batching through MLflow's scoring app -------------------------------------------------------
+
+def test_concurrent_requests_through_the_scoring_app_share_forward_passes(deployed, champion_dir, monkeypatch):
+    """The scoring app runs each request's predict in a thread of asyncio's pool, so requests in flight
+    together reach the batcher together, each answered as it would be alone."""
+    import asyncio
+
+    import httpx
+
+    from sicot import serving_app
+    from sicot.model.recognizer import Recognizer
+    from tests.test_serving_batching import assert_same_answers
+
+    sizes, real = [], Recognizer.topk_and_embed
+    monkeypatch.setattr(Recognizer, "topk_and_embed", lambda self, x, k: sizes.append(len(x)) or real(self, x, k))
+    monkeypatch.setenv(serving_app.MODEL_DIR_ENV, str(champion_dir))
+    monkeypatch.setenv("SERVING_MODEL_CONFIG", json.dumps({"max_wait_ms": 2000}))  # time enough to gather all
+    app = serving_app.create_app()
+    images = [deployed.image(r) for r in deployed.test[:6]]
+
+    async def send_together():
+        async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://serving") as client:
+            return await asyncio.gather(*(client.post("/invocations", json=split_body([b64(i)])) for i in images))
+
+    replies = asyncio.run(send_together())
+    assert [r.status_code for r in replies] == [200] * len(images), replies[0].text
+    assert sum(sizes) == len(images) and len(sizes) < len(images), sizes
+    alone = deployed.recognition()
+    for reply, image in zip(replies, images):
+        assert_same_answers(reply.json()["predictions"], alone.recognise([image]))
+
+
 # ---- the real server -----------------------------------------------------------------------------
 
 @pytest.fixture(scope="module")
@@ -560,6 +593,38 @@ def test_an_oversize_body_is_refused_before_it_is_read(server, app_server, deplo
     connection.close()
     assert time.monotonic() - started < 120
     assert_answers_good_request(app_server, deployed)
+
+
+def test_on_sigterm_the_requests_waiting_in_a_batch_are_answered_before_the_server_exits(deployed):
+    """Graceful shutdown is uvicorn's: it stops accepting, lets the requests in flight finish, then exits.
+    The batcher holds no thread of its own that could keep the worker alive or die in the middle of a pass."""
+    port = services.free_port()
+    cmd = [sys.executable, "-m", "sicot.serving_app", "--model", "models:/sicot@champion", "--host", "127.0.0.1",
+           "--port", str(port), "--workers", "1"]
+    env = deployed.env | {"SERVING_MODEL_CONFIG": json.dumps({"max_wait_ms": 4000})}  # a batch waits 4 s for company
+    service = services.start_process("sicot-serving-app-shutdown", cmd, deployed.root / "shutdown.log", env,
+                                     cwd=deployed.root, unset=FOREIGN)
+    service.url = f"http://127.0.0.1:{port}"
+    replies = []
+    try:
+        services.wait_healthy(service, service.url + "/ping", timeout=240)
+        body = split_body([b64(deployed.image(deployed.test[0]))])
+        clients = [threading.Thread(target=lambda: replies.append(post(service, body))) for _ in range(3)]
+        for client in clients:
+            client.start()
+        time.sleep(1.5)  # the three are in one batch now, waiting for more
+        service.proc.send_signal(signal.SIGTERM)
+        for client in clients:
+            client.join(timeout=60)
+        service.proc.wait(60)
+    finally:
+        services.stop(service)
+    assert [status for status, _ in replies] == [200] * 3, f"{replies}" + services.tails(service)
+    assert all(reply["predictions"][0]["status"] != "error" for _, reply in replies), replies
+    log = service.log_tail()
+    assert "Finished server process" in log and "Traceback" not in log, log
+    # uvicorn re-raises the signal it handled once it has shut down, so the exit is SIGTERM's
+    assert service.proc.returncode == -signal.SIGTERM
 
 
 def test_the_serving_app_refuses_a_request_over_the_pixel_budget(app_server, deployed):
