@@ -118,12 +118,15 @@ def prefect_env(home: Path, api_url: str | None = None) -> dict[str, str]:
 
 
 def start_prefect_server(home: Path, timeout: float = 180.0) -> Service:
-    """`prefect server start` on 127.0.0.1 with its database under `home`; `.env` holds what clients need."""
+    """`prefect server start` on 127.0.0.1 with its database under `home` and its UI at the root URL;
+    `.env` holds what clients need."""
     port = free_port()
+    url = f"http://127.0.0.1:{port}/api"
+    ui = {"PREFECT_SERVER_UI_ENABLED": "true", "PREFECT_UI_API_URL": url}  # the UI's calls go to this port
     service = start_process("prefect-server", [str(BIN / "prefect"), "server", "start", "--host", "127.0.0.1",
-                                               "--port", str(port), "--no-ui", "--analytics-off"],
-                            home / "server.log", prefect_env(home), unset=("PREFECT_API_URL",))
-    service.url = f"http://127.0.0.1:{port}/api"
+                                               "--port", str(port), "--analytics-off"],
+                            home / "server.log", prefect_env(home) | ui, unset=("PREFECT_API_URL",))
+    service.url = url
     service.env = prefect_env(home, service.url)
     return wait_healthy(service, service.url + "/health", timeout)
 
