@@ -7,6 +7,8 @@ baseline and the SICoT model exist, `reports/comparison.json` and `comparison.md
 """
 from __future__ import annotations
 
+import sys
+
 from sicot.config import Params
 
 
@@ -21,7 +23,11 @@ def run(params: Params, track: bool = True, model: str | None = None, compare: b
             raise evaluate.EvaluationError("comparison needs reports/baseline/metrics.json and "
                                            "reports/sicot/metrics.json: evaluate both models first")
         return {"comparison": table}
-    return evaluate.evaluate_all(params, track=track, only=model)
+    outputs = evaluate.evaluate_all(params, track=track, only=model)
+    scores = ", ".join(f"{name} top-1 {m['top1']:.3f} (tail {m['tail']['top1']:.3f})"
+                       for name, m in outputs["models"].items())
+    print(f"evaluate_model: {scores} on the test split -> {outputs['reports']}", file=sys.stderr)
+    return outputs
 
 
 def _options(p) -> None:
@@ -33,7 +39,7 @@ def _options(p) -> None:
 def main(argv: list[str] | None = None) -> None:
     from components.cli import main as cli_main
 
-    cli_main(run, __doc__.splitlines()[0], argv, extra=_options)
+    cli_main(run, __doc__.splitlines()[0], argv, extra=_options, sections=("evaluate", "train", "paths"))
 
 
 if __name__ == "__main__":

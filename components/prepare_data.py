@@ -1,7 +1,7 @@
 """Prepare the dataset: generate the demo world or take a dataset directory, validate it, publish it.
 
 - `data.source: synthetic` generates the long-tailed demo world into `paths.raw` first; any other value
-  is a dataset directory or `s3://` prefix in the contract's format (see docs/architecture.md).
+  is a dataset directory or `s3://` prefix in the contract's format (docs/architecture.md#dataset-contract).
 - Every record is checked (`data.on_bad_record`: `error` stops listing every problem, exit code 2;
   `skip` drops bad records and lists them in reports/dropped_records.jsonl).
 - The valid dataset plus labels.json replaces `paths.prepared` atomically; a failed run changes nothing.
@@ -23,11 +23,9 @@ def _log_to_mlflow(params: Params, stats: dict, reports: str) -> None:
     from sicot import tracking
 
     with tracking.step_run("prepare_data", params, sections=("data", "paths"), reads_data=False):
-        import mlflow
-
-        mlflow.log_metrics({k: float(v) for k, v in stats.items() if isinstance(v, (int, float))})
-        mlflow.log_metrics({f"images_{k}": float(v) for k, v in stats["images"].items()})
-        mlflow.log_metric("title_vocab_tail_shared_with_head", stats["title_vocab"]["tail_shared_with_head"])
+        tracking.log_metrics({k: v for k, v in stats.items() if isinstance(v, (int, float))}
+                             | {f"images_{k}": v for k, v in stats["images"].items()}
+                             | {"title_vocab_tail_shared_with_head": stats["title_vocab"]["tail_shared_with_head"]})
         for name in ("data_stats.json", "long_tail.png", "dropped_records.jsonl"):
             tracking.log_file(storage.join(reports, name))
 
@@ -71,7 +69,7 @@ def main(argv: list[str] | None = None) -> None:
     from components.cli import main as cli_main
 
     try:
-        cli_main(run, __doc__.splitlines()[0], argv)
+        cli_main(run, __doc__.splitlines()[0], argv, sections=("data", "evaluate", "paths"))
     except DatasetError as exc:
         print(exc, file=sys.stderr)
         sys.exit(2)

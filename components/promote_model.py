@@ -13,7 +13,8 @@ naming the holder, having registered nothing. In its turn a promotion registers 
 candidate, resolves the champion alias once to a version, evaluates exactly that version, and moves the
 alias only if it still names that version (otherwise it judges the candidate again against the new
 one). The decision, both sets of numbers, the version compared against and the sha256 of the evaluated
-artifact are written as version tags and to the step's run. `--dry-run` evaluates the local candidate file, prints the decision and changes nothing.
+artifact are written as version tags and to the step's run. `--dry-run` evaluates the local candidate file,
+prints the decision and changes nothing.
 """
 from __future__ import annotations
 
@@ -21,7 +22,6 @@ import json
 import socket
 import sys
 import tempfile
-from pathlib import Path
 
 from sicot import storage, tracking
 from sicot.config import Params
@@ -37,15 +37,12 @@ def lock_uri(params: Params, name: str) -> str:
 
 def evaluate_registered(name: str, version: str, params: Params) -> tuple[dict, str]:
     """(metrics, sha256) of the model file inside registered version `version` of `name`."""
-    from mlflow.artifacts import download_artifacts
-
     from sicot.evaluate import evaluate_model_file, model_sha256
 
-    uri = f"models:/{name}/{version}"
     with tempfile.TemporaryDirectory(prefix="sicot-promote-") as tmp:
-        model_file = next(Path(download_artifacts(uri, dst_path=tmp)).rglob("model.pt"), None)
+        model_file = next(tracking.registered_model_dir(name, version, tmp).rglob("model.pt"), None)
         if model_file is None:
-            raise FileNotFoundError(f"{uri}: the registered model holds no model.pt")
+            raise FileNotFoundError(f"models:/{name}/{version}: the registered model holds no model.pt")
         return evaluate_model_file(str(model_file), params), model_sha256(str(model_file))
 
 
@@ -90,18 +87,15 @@ def run(params: Params, dry_run: bool = False, lock_wait_s: float = LOCK_WAIT_S)
         verdict = judge(name, champion_version(name), candidate, params)
         return outcome(name, mode, candidate, sha256, verdict, warning) | {"dry_run": True}
 
-    import mlflow
-
     from sicot.lease import lease
     from sicot.serving import log_service
 
-    client = mlflow.MlflowClient()
     with tracking.step_run("promote_model", params, ("promote", "serve")) as step, \
             lease(lock_uri(params, name), f"{socket.gethostname()} promoting {name} (run {step.info.run_id})",
                   ttl_s=LOCK_TTL_S, wait_s=lock_wait_s) as held:
         info = log_service(model_path, params, name=name, registered_model_name=name)
         version = str(info.registered_model_version)
-        client.set_registered_model_alias(name, "challenger", version)
+        tracking.set_alias(name, "challenger", version)
         candidate, sha256 = evaluate_registered(name, version, params)
         warning = check_metrics_file(metrics_path, sha256)
         verdict = judge(name, champion_version(name), candidate, params)
@@ -115,13 +109,15 @@ def run(params: Params, dry_run: bool = False, lock_wait_s: float = LOCK_WAIT_S)
             raise RuntimeError(f"{name}: the champion alias kept moving while version {version} was judged; "
                                f"something moves it without taking the lease {lock_uri(params, name)}")
         if verdict["promote"]:
-            client.set_registered_model_alias(name, "champion", version)
+            tracking.set_alias(name, "champion", version)
         result = outcome(name, mode, candidate, sha256, verdict, warning)
-        for key, value in version_tags(result, candidate).items():
-            client.set_model_version_tag(name, version, key, str(value))
-        mlflow.log_metrics({"candidate_top1": candidate["top1"], "candidate_tail_top1": candidate["tail"]["top1"],
-                            "promoted": float(verdict["promote"])})
-        mlflow.log_dict(result | {"version": version}, "promotion.json")
+        tracking.tag_version(name, version, version_tags(result, candidate))
+        tracking.log_metrics({"candidate_top1": candidate["top1"], "candidate_tail_top1": candidate["tail"]["top1"],
+                              "promoted": verdict["promote"]})
+        tracking.log_dict(result | {"version": version}, "promotion.json")
+    print(f"promote_model: {name} version {version} ({mode}, top-1 {candidate['top1']:.3f}, tail top-1 "
+          f"{candidate['tail']['top1']:.3f}) -> {'champion' if verdict['promote'] else 'challenger only'}: "
+          f"{verdict['reason']}", file=sys.stderr)
     return result | {"version": version, "model_uri": f"models:/{name}/{version}"}
 
 
@@ -155,7 +151,8 @@ def main(argv: list[str] | None = None) -> None:
         p.add_argument("--lock-wait", dest="lock_wait_s", type=float, default=LOCK_WAIT_S,
                        help=f"seconds to wait for another promotion of the same model (default {LOCK_WAIT_S:.0f})")
 
-    cli(run, __doc__.splitlines()[0], argv, extra=options)
+    cli(run, __doc__.splitlines()[0], argv, extra=options,
+        sections=("promote", "evaluate", "train", "serve", "paths"))
 
 
 if __name__ == "__main__":

@@ -11,7 +11,8 @@ and `index/CURRENT` moves to it only when every shard is complete (see `sicot.in
 from __future__ import annotations
 
 import functools
-from pathlib import Path
+import sys
+import time
 
 from sicot import index, storage, tracking
 from sicot.config import Params
@@ -26,10 +27,7 @@ def champion_version(name: str) -> str:
 
 @functools.cache
 def _model_file(name: str, version: str) -> str:
-    from mlflow.artifacts import download_artifacts
-
-    tracking.setup()
-    return str(next(Path(download_artifacts(f"models:/{name}/{version}")).rglob("model.pt")))
+    return str(next(tracking.registered_model_dir(name, version).rglob("model.pt")))
 
 
 def _embedder(model_file: str):
@@ -62,35 +60,42 @@ def run(params: Params, merge: bool = False) -> dict:
     if storage.is_s3(root):  # fail before hours of GPU work, not at the switch
         storage.check_conditional_writes(storage.bucket_of(root))
     if merge:
-        return index.publish(root, version, cfg.shards, cfg.keep_versions, model_uri=model_uri, gc_grace_s=grace)
+        return _said(index.publish(root, version, cfg.shards, cfg.keep_versions, model_uri=model_uri,
+                                   gc_grace_s=grace))
 
     model, embed = _embedder(model_file)
     read = lambda record: storage.read_bytes(manifest.image_uri(record))  # noqa: E731
     classes = {sku: i for i, sku in enumerate(model.classes)}
     if cfg.shard >= 0:
-        return index.build_shard(manifest.catalog, cfg.shard, cfg.shards, embed, read, classes, out, cfg.batch_size)
+        shard = index.build_shard(manifest.catalog, cfg.shard, cfg.shards, embed, read, classes, out, cfg.batch_size)
+        print(f"publish_index: shard {cfg.shard} of {cfg.shards}: {shard['count']} SKUs "
+              f"{'already built' if shard['skipped'] else 'embedded'} -> {index.shard_uri(out, cfg.shard)}",
+              file=sys.stderr)
+        return shard
     _, token = index.read_current(root)  # read before building: a publisher that finishes first wins
     with tracking.step_run("publish_index", params, ("publish",)):
-        import time
-
-        import mlflow
-
         start = time.perf_counter()
         shards = index.build_all(manifest.catalog, cfg.shards, embed, read, classes, out, cfg.batch_size)
         built = sum(s["count"] for s in shards if not s["skipped"])
         seconds = time.perf_counter() - start
         result = index.publish(root, version, cfg.shards, cfg.keep_versions, model_uri=model_uri, expected=token,
                                gc_grace_s=grace)
-        mlflow.log_metrics({"index_skus": result["skus"], "index_build_seconds": seconds,
-                            "index_skus_per_second": built / seconds if built else 0.0})
-        mlflow.set_tag("index_version", version)
-    return result
+        tracking.log_metrics({"index_skus": result["skus"], "index_build_seconds": seconds,
+                              "index_skus_per_second": built / seconds if built else 0.0})
+        tracking.set_tags({"index_version": version})
+    return _said(result)
+
+
+def _said(published: dict) -> dict:
+    state = "now" if published["switched"] else "already"
+    print(f"publish_index: {published['skus']} SKUs -> {published['uri']} ({state} CURRENT)", file=sys.stderr)
+    return published
 
 
 def main(argv: list[str] | None = None) -> None:
     from components.cli import main as cli
 
-    cli(run, __doc__.splitlines()[0], argv,
+    cli(run, __doc__.splitlines()[0], argv, sections=("publish", "promote", "paths"),
         extra=lambda p: p.add_argument("--merge", action="store_true",
                                        help="publish already built shards: manifest + CURRENT switch"))
 

@@ -35,7 +35,9 @@ def local_cache() -> Path:
 
 
 def _dvc(repo: Path, *args: str) -> None:
-    proc = subprocess.run([sys.executable, "-m", "dvc", *args], cwd=repo, capture_output=True, text=True)
+    # `dvc init` runs before the project's config (analytics = false) exists: no usage-report daemon either way
+    proc = subprocess.run([sys.executable, "-m", "dvc", *args], cwd=repo, capture_output=True, text=True,
+                          env={**os.environ, "DVC_NO_ANALYTICS": "1"})
     if proc.returncode != 0:
         raise VersionError(f"dvc {' '.join(args)} failed (exit {proc.returncode}): {proc.stderr.strip()[-2000:]}")
 
@@ -57,7 +59,8 @@ def _link_tree(src: Path, dest: Path) -> None:
 def _config(cache: Path, remote: str) -> str:
     """The throw-away project's .dvc/config (DVC's documented INI format; writing it saves a dvc call
     per setting)."""
-    lines = ["[core]", "    analytics = false", "    no_scm = true", "[cache]", f"    dir = {cache}", "    type = \"hardlink,copy\""]
+    lines = ["[core]", "    analytics = false", "    no_scm = true",
+             "[cache]", f"    dir = {cache}", "    type = \"hardlink,copy\""]
     if remote:
         url = remote if storage.is_s3(remote) else str(Path(remote).resolve())
         lines[1:1] = ["    remote = sicot"]
@@ -95,7 +98,7 @@ def run(params: Params, directory: str) -> dict:
 def main(argv: list[str] | None = None) -> None:
     from components.cli import main as cli_main
 
-    cli_main(run, __doc__.splitlines()[0], argv,
+    cli_main(run, __doc__.splitlines()[0], argv, sections=("paths",),
              extra=lambda p: p.add_argument("directory", help="the local output directory to version"))
 
 

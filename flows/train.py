@@ -8,13 +8,16 @@ vectors and checkpoints through `paths.*` (S3 on a cluster), never on a disk ano
 """
 from __future__ import annotations
 
+import collections
 import dataclasses
 import json
 import os
 import subprocess
 import sys
 import tempfile
+from collections.abc import Callable
 from pathlib import Path
+from typing import IO
 
 import yaml
 from prefect import flow, get_run_logger
@@ -41,12 +44,31 @@ def launch(params: Params, mode: str, nnodes: int = 1, node_rank: int = 0, maste
         elif params.train.nproc > 1:
             args = ["-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={params.train.nproc}", *args]
         cmd = [sys.executable, *args]
-        get_run_logger().info("running %s in %s", " ".join(cmd), workdir)
-        proc = subprocess.run(cmd, capture_output=True, text=True, cwd=workdir, env=env)
-        if proc.returncode != 0:
-            raise RuntimeError(f"train_model ({mode}) failed with exit code {proc.returncode}:\n{proc.stderr[-4000:]}")
-        # only the node holding global rank 0 writes outputs
-        return json.loads(outputs_file.read_text()) if outputs_file.exists() else {"mode": mode, "node_rank": node_rank}
+        logger = get_run_logger()
+        logger.info("running %s in %s", " ".join(cmd), workdir)
+        proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, cwd=workdir, env=env)
+        tail = forward_progress(proc.stderr, logger.info)
+        if proc.wait() != 0:
+            raise RuntimeError(f"train_model ({mode}) failed with exit code {proc.returncode}:\n" + "\n".join(tail))
+        if not outputs_file.exists():  # only the node holding global rank 0 writes outputs
+            return {"mode": mode, "node_rank": node_rank}
+        outputs = json.loads(outputs_file.read_text())
+        logger.info("train_model: %s, %s epochs, val top-1 %.3f -> %s", mode, outputs["epochs"], outputs["val_top1"],
+                    outputs["model"])
+        return outputs
+
+
+def forward_progress(stream: IO[bytes], log: Callable[[str], None], keep: int = 60) -> list[str]:
+    """Pass each line the training writes to `log` as it comes, a progress bar only as it was left at
+    the end of its line (one per epoch: its refreshes are `\\r`-separated); returns the last `keep` lines,
+    which explain a failure."""
+    tail: collections.deque[str] = collections.deque(maxlen=keep)
+    for raw in stream:
+        line = raw.decode("utf-8", "replace").rstrip("\r\n").rsplit("\r", 1)[-1].rstrip()
+        if line:
+            log(line)
+            tail.append(line)
+    return list(tail)
 
 
 @flow(name="sicot-train")

@@ -2,8 +2,8 @@
 the word-attention view of SICoT's title stream, and the baseline vs co-training comparison.
 
 Writes, per model directory `paths.models/<model>/model.pt`:
-- `reports/<model>/metrics.json`: the evaluation output contract (ARCHITECTURE.md), plus `model_sha256`,
-  the sha256 of the model file the numbers describe,
+- `reports/<model>/metrics.json`: the evaluation output contract (docs/architecture.md#evaluation-output-contract),
+  plus `model_sha256`, the sha256 of the model file the numbers describe,
 - `reports/<model>/per_class.csv` and `per_class.png` (top-1 against training images, log x),
 - `reports/<model>/attention.html` when the model has a title encoder with word attention,
 and `reports/comparison.json` / `comparison.md` when both `baseline` and `sicot` exist.
@@ -17,7 +17,7 @@ import html
 import io
 import json
 import os
-from typing import Sequence
+from collections.abc import Sequence
 
 import numpy as np
 import torch
@@ -251,7 +251,8 @@ def attention_page(encoder_uri: str, records, samples: int) -> str | None:
 
     encoder, vocab, max_len = load_text_encoder(encoder_uri)
     titled = [r for r in records if r.title.strip()]
-    picks = [titled[i] for i in np.linspace(0, len(titled) - 1, min(samples, len(titled))).astype(int)] if titled else []
+    spread = np.linspace(0, len(titled) - 1, min(samples, len(titled))).astype(int) if titled else []
+    picks = [titled[i] for i in spread]
     views = [(r.sku, r.title, word_attention(encoder, vocab, max_len, r.title)) for r in picks]
     views = [v for v in views if v[2]]
     return attention_html(views) if views else None
@@ -260,10 +261,9 @@ def attention_page(encoder_uri: str, records, samples: int) -> str | None:
 def evaluate_all(params: Params, track: bool = True, only: str | None = None) -> dict:
     """Evaluate every trained model (or just `only`); returns {model: metrics} plus the comparison
     when both the baseline and the co-trained model have been evaluated."""
+    from sicot import tracking
     from sicot.data.manifest import load_manifest
     from sicot.train import pick_device
-
-    from sicot import tracking
 
     models = {name: where for name, where in tracking.trained_models(params).items() if only in (None, name)}
     if not models:
@@ -300,14 +300,12 @@ def log_to_mlflow(params: Params, results: dict, table: dict | None) -> str:
     from sicot import tracking
 
     with tracking.step_run("evaluate_model", params, sections=("evaluate",)) as run:
-        import mlflow
-
         for name, metrics in results.items():
             flat = {f"{name}.top1": metrics["top1"], f"{name}.top3": metrics["top3"]}
             flat.update({f"{name}.{g}.{m}": metrics[g][m] for g in GROUPS for m in ("top1", "top3")})
-            mlflow.log_metrics(flat)
+            tracking.log_metrics(flat)
             for key in storage.list_keys(storage.join(params.paths.reports, name)):
                 tracking.log_file(key, artifact_path=name)
         if table is not None:
-            mlflow.log_dict(table, "comparison.json")
+            tracking.log_dict(table, "comparison.json")
         return run.info.run_id

@@ -19,9 +19,10 @@ import hashlib
 import io
 import json
 import re
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
-from typing import Any, Callable, Iterable, Mapping, Sequence
+from typing import Any
 
 import numpy as np
 
@@ -118,7 +119,7 @@ def catalog_checksum(records: Iterable[Any]) -> str:
 
 def version_id(model_version: str, records: Iterable[Any], num_shards: int) -> str:
     """Deterministic version name: the same model, catalog and shard count always give the same one."""
-    digest = _sha256(f"{model_version}\n{num_shards}\n{catalog_checksum(records)}".encode("utf-8"))[:16]
+    digest = _sha256(f"{model_version}\n{num_shards}\n{catalog_checksum(records)}".encode())[:16]
     label = re.sub(r"[^A-Za-z0-9._-]+", "-", model_version).strip("-.")[:40]
     return f"{label}-{digest}" if label else digest
 
@@ -355,7 +356,7 @@ class ProductIndex:
             raise KeyError(f"class {class_idx} has no SKU in index version {self.version}") from None
         return {k: row[k] for k in ("sku", "title", "tags", "image")}
 
-    def new_arrivals(self) -> "ProductIndex":
+    def new_arrivals(self) -> ProductIndex:
         """The catalog SKUs the classifier has no class for (class_index -1), as an index of their own,
         so that `nearest` on it retrieves new arrivals only."""
         rows = [i for i, row in enumerate(self.skus) if row["class_index"] < 0]

@@ -1,4 +1,6 @@
-"""MLflow helpers: one parent run per pipeline run, a child run per step, and registry aliases.
+"""Every MLflow call of the steps: one parent run per pipeline run, a child run per step, and registry aliases.
+The recognition service's own pyfunc code (`sicot.serving`, `sicot.serving_app`) talks to MLflow's model
+flavour and scoring server directly: that is the flavour's API, not tracking.
 
 Embedded default: `sqlite:///mlflow.db` in the working directory with artifacts in `mlartifacts/`, so a
 newcomer needs no server; `MLFLOW_TRACKING_URI` points everything at a real server instead. A step
@@ -13,8 +15,8 @@ import hashlib
 import os
 import re
 import subprocess
+from collections.abc import Iterator, Mapping
 from pathlib import Path
-from typing import Iterator
 
 from sicot import storage
 from sicot.config import Params
@@ -54,6 +56,8 @@ def setup():
     import mlflow
 
     uri = tracking_uri()
+    # A step's model downloads are its internals: their progress bars would flood the step's log.
+    os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
     if redacted(uri) != uri:  # mlflow prints "View run at <tracking URI>/..." as given, secrets and all
         os.environ["MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT"] = "true"
     mlflow.set_tracking_uri(uri)
@@ -163,7 +167,61 @@ def log_file(uri: str, artifact_path: str | None = None) -> None:
         mlflow.log_artifact(str(local), artifact_path)
 
 
+def log_texts_to_run(run_id: str, texts: Mapping[str, str]) -> None:
+    """Text artifacts (`{"comparison.md": "..."}`) on a run that need not be the active one."""
+    client = setup().MlflowClient()
+    for artifact_file, text in texts.items():
+        client.log_text(run_id, text, artifact_file)
+
+
+def log_metrics(metrics: Mapping[str, float], step: int | None = None) -> None:
+    """Numbers of the active run (a step's)."""
+    import mlflow
+
+    mlflow.log_metrics({name: float(value) for name, value in metrics.items()}, step=step)
+
+
+def log_dict(data: dict, artifact_file: str) -> None:
+    """`data` as a JSON artifact of the active run."""
+    import mlflow
+
+    mlflow.log_dict(data, artifact_file)
+
+
+def set_tags(tags: Mapping[str, object]) -> None:
+    """Tags of the active run."""
+    import mlflow
+
+    mlflow.set_tags({name: str(value) for name, value in tags.items()})
+
+
+def run_page(run_id: str) -> str | None:
+    """The run's page in the tracking server's UI; None for a store without one (the embedded SQLite)."""
+    uri = redacted(tracking_uri())
+    if not uri.startswith("http"):
+        return None
+    experiment = setup().get_run(run_id).info.experiment_id
+    return f"{uri.rstrip('/')}/#/experiments/{experiment}/runs/{run_id}"
+
+
 MODEL_ARTIFACTS = "model"  # where training logs model.pt (and text_encoder.pt) in its run
+MODE_TAG = "sicot.mode"  # a training run's train.mode: how later steps find the model of each mode
+
+
+@contextlib.contextmanager
+def training_run(params: Params) -> Iterator[object]:
+    """The MLflow run of one training, `train_<mode>`, tagged with its mode."""
+    with step_run("train_" + params.train.mode, params, sections=("data", "word2vec", "train")) as run:
+        set_tags({MODE_TAG: params.train.mode})
+        yield run
+
+
+def log_trained_model(files: list[str]) -> str:
+    """A training's output files (model.pt, text_encoder.pt, history.json) as artifacts of the active run
+    under MODEL_ARTIFACTS; returns model.pt's artifact path."""
+    for uri in files:
+        log_file(uri, MODEL_ARTIFACTS)
+    return f"{MODEL_ARTIFACTS}/model.pt"
 
 
 def trained_models(params: Params) -> dict[str, str]:
@@ -182,7 +240,7 @@ def trained_models(params: Params) -> dict[str, str]:
                               order_by=["attributes.start_time DESC"], output_format="list")
     found = {}
     for run in runs:
-        mode = run.data.tags.get("sicot.mode")
+        mode = run.data.tags.get(MODE_TAG)
         if mode and mode not in found:
             found[mode] = _downloaded(run.info.run_id)
     return found
@@ -221,3 +279,34 @@ def alias_version(name: str, alias: str):
         return setup().MlflowClient().get_model_version_by_alias(name, alias)
     except MlflowException:
         return None
+
+
+def set_alias(name: str, alias: str, version: str) -> None:
+    setup().MlflowClient().set_registered_model_alias(name, alias, version)
+
+
+def tag_version(name: str, version: str, tags: Mapping[str, object]) -> None:
+    client = setup().MlflowClient()
+    for key, value in tags.items():
+        client.set_model_version_tag(name, version, key, str(value))
+
+
+def registered_model_dir(name: str, version: str, dst: str | None = None) -> Path:
+    """The files of version `version` of registered model `name`, downloaded (into `dst` when given)."""
+    from mlflow.artifacts import download_artifacts
+
+    setup()
+    return Path(download_artifacts(f"models:/{name}/{version}", dst_path=dst))
+
+
+def download_model_file(model_uri: str, dst: str) -> Path:
+    """The model.pt of an MLflow model URI (`models:/<name>@<alias>`, `models:/<name>/<version>`,
+    `runs:/<run_id>/<path>`: a registered model or a training run's `model/`), downloaded into `dst`."""
+    from mlflow.artifacts import download_artifacts
+
+    setup()
+    local = Path(download_artifacts(artifact_uri=model_uri, dst_path=dst))
+    found = local if local.name == "model.pt" else next(local.rglob("model.pt"), None)
+    if found is None:
+        raise FileNotFoundError(f"{model_uri}: holds no model.pt")
+    return found
