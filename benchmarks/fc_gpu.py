@@ -7,8 +7,8 @@ variant; on CPU (a dry check) the resident-set high-water mark instead. Prints o
     python benchmarks/fc_gpu.py                                   # C = 1M, d = 2048, on the GPU
     python benchmarks/fc_gpu.py --classes 10000 --steps 2         # dry check, runs on CPU too
 
-Variants: `bf16` (bf16 logits), `fp32`, `tf32` (fp32 logits, TF32 matmuls), and options after a colon: `bf16:chunk=64` (chunk_rows),
-`bf16:sample=0.1` (Partial-FC sample rate).
+Variants: `bf16` (bf16 logits), `fp32`, `tf32` (fp32 logits, TF32 matmuls), and options after a colon:
+`bf16:chunk=64` (chunk_rows), `bf16:sample=0.1` (Partial-FC sample rate).
 """
 from __future__ import annotations
 
@@ -24,7 +24,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 
-from sicot.parallel import ShardedClassifier, dist as pdist  # noqa: E402
+from sicot.parallel import ShardedClassifier  # noqa: E402
+from sicot.parallel import dist as pdist
 
 GIB = 2**30
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32, "tf32": torch.float32}
@@ -83,7 +84,8 @@ def correctness(device, classes=4096, dim=256, batch=64):
         loss.backward()
         ref = F.cross_entropy(xr @ w.T, y)
         ref.backward()
-        rel = lambda a, b: ((a - b).abs().max() / b.abs().max()).item()
+        def rel(a, b):
+            return ((a - b).abs().max() / b.abs().max()).item()
         out[name] = {"loss_rel": rel(loss.detach(), ref.detach()), "feature_grad_rel": rel(xs.grad, xr.grad),
                      "weight_grad_rel": rel(clf.weight.grad, w.grad)}
     return out

@@ -73,7 +73,8 @@ def _rank(rank, world, port, cfg, out_dir):
     import torch
 
     torch.set_num_threads(max(1, (os.cpu_count() or 1) // world))
-    from sicot.parallel import ShardedClassifier, dist as pdist
+    from sicot.parallel import ShardedClassifier
+    from sicot.parallel import dist as pdist
 
     pdist.init_from_env(backend="gloo")
     base = _status_kib("VmRSS")
@@ -149,7 +150,8 @@ def measure(cfg, budget_gib):
 
 
 def _table(rows):
-    head = "| C | d | N | global batch | chunk_rows | sample_rate | SGD | peak/rank GiB (fwd / bwd / step) | model GiB | ratio vs N=1 | step s |"
+    head = ("| C | d | N | global batch | chunk_rows | sample_rate | SGD | peak/rank GiB (fwd / bwd / step) "
+            "| model GiB | ratio vs N=1 | step s |")
     lines = [head, "|" + "---|" * (head.count("|") - 1)]
     ones = {(r["classes"], r["dim"], r["chunk_rows"], r["sample_rate"]): r for r in rows
             if r["world"] == 1 and "skipped" not in r}
@@ -177,7 +179,8 @@ def _min_ranks(classes, dim, capacity, per_rank_batch, chunk_rows, logit_bytes):
 
 
 def model_table(per_rank_batch=256):
-    fmt = lambda b: f"{b / GIB:,.1f}"
+    def fmt(b):
+        return f"{b / GIB:,.1f}"
     out = [f"Per-rank batch {per_rank_batch}; weight, grad, momentum and logits in fp32 (a fused optimizer: no "
            f"weight-decay temporary); {RESERVE_GIB:.0f} GiB per GPU left for backbone, activations and workspace; "
            "GPU counts are powers of two.", "",

@@ -27,7 +27,8 @@ def build(mode: str, classes: int, vocab: int, device):
 
     backbone, dim = create_backbone("resnet50")
     encoder = create_text_encoder("bilinear", torch.randn(vocab, 64) * 0.1, dim) if mode == "sicot" else None
-    return SICoT(backbone, dim, ReplicatedClassifier(dim, classes), encoder).to(device).to(memory_format=torch.channels_last)
+    model = SICoT(backbone, dim, ReplicatedClassifier(dim, classes), encoder)
+    return model.to(device).to(memory_format=torch.channels_last)
 
 
 def measure(mode: str, args, device) -> dict:
@@ -88,7 +89,8 @@ def main(argv: list[str] | None = None) -> None:
     results = [measure(mode, args, device) for mode in ("baseline", "sicot")]
     report = {"device": torch.cuda.get_device_name() if device.type == "cuda" else "cpu", "torch": torch.__version__,
               "batch": args.batch, "image": args.image, "classes": args.classes, "compile": args.compile,
-              "results": results, "sicot_over_baseline_step_time": round(results[1]["step_ms"] / results[0]["step_ms"], 3)}
+              "results": results,
+              "sicot_over_baseline_step_time": round(results[1]["step_ms"] / results[0]["step_ms"], 3)}
     print(json.dumps(report, indent=2))
 
 

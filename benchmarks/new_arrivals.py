@@ -94,7 +94,8 @@ def measure(params) -> dict:
             "holdout_anything_listed": sum(f[0]["score"] >= t for f in found) / len(found),
             "trained_photos_with_a_suggestion": sum(f[0]["score"] >= t for f in decoys) / len(decoys)}
     cos = lambda rows: [round(f[0]["score"], 3) for f in rows]  # noqa: E731
-    return {"new_arrival_skus": len(service.products.arrivals), "holdout_images": len(holdout), "trained_test_images": len(test),
+    return {"new_arrival_skus": len(service.products.arrivals), "holdout_images": len(holdout),
+            "trained_test_images": len(test),
             "top1": round(top1, 4), "top3": round(top3, 4), "chance_top1": round(1 / len(service.products.arrivals), 4),
             "holdout_images_per_second": round(len(holdout) / seconds, 1),
             "top1_cosine_holdout_median": sorted(cos(found))[len(found) // 2],

@@ -33,7 +33,8 @@ def render(name: str, nnodes: int, gpus_per_node: int, mode: str, overrides: lis
         container["image"] = image
     port = next(a for a in container["args"] if a.startswith("--master-port=")).split("=", 1)[1]
     sets = [f"train.mode={mode}", "train.device=cuda", f"train.nproc={gpus_per_node}", *overrides]
-    container["args"] = [f"--nnodes={nnodes}", f"--nproc-per-node={gpus_per_node}", "--node-rank=$(JOB_COMPLETION_INDEX)",
+    container["args"] = [f"--nnodes={nnodes}", f"--nproc-per-node={gpus_per_node}",
+                         "--node-rank=$(JOB_COMPLETION_INDEX)",
                          f"--master-addr={name}-0.{name}", f"--master-port={port}", "-m", "components.train_model",
                          *(arg for value in sets for arg in ("--set", value))]
     container["env"] = [e for e in container.get("env", []) if e["name"] != "SICOT_PARENT_RUN_ID"]

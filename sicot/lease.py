@@ -17,7 +17,7 @@ import socket
 import threading
 import time
 import uuid
-from typing import Iterator
+from collections.abc import Iterator
 
 from sicot import storage
 
@@ -65,7 +65,8 @@ class Lease:
             return None, None
         try:
             state = json.loads(data)
-            return {"owner": str(state["owner"]), "held": bool(state["held"]), "expires": float(state["expires"])}, token
+            lease = {"owner": str(state["owner"]), "held": bool(state["held"]), "expires": float(state["expires"])}
+            return lease, token
         except (ValueError, KeyError, TypeError):
             raise ValueError(f"{self.uri}: not a lease (expected JSON with owner, held, expires)") from None
 

@@ -5,7 +5,7 @@ import ctypes
 import gc
 import io
 from contextlib import contextmanager
-from functools import lru_cache
+from functools import cache
 from pathlib import Path
 
 import numpy as np
@@ -14,7 +14,7 @@ from PIL import Image
 MiB = 2**20
 
 
-@lru_cache(maxsize=None)
+@cache
 def flat_png(width: int, height: int) -> bytes:
     """A real RGBA PNG of one colour: tens of kB on the wire, width x height x 4 bytes once decoded."""
     out = io.BytesIO()
@@ -22,7 +22,7 @@ def flat_png(width: int, height: int) -> bytes:
     return out.getvalue()
 
 
-@lru_cache(maxsize=None)
+@cache
 def photo_like_jpeg(width: int, height: int, progressive: bool = False) -> bytes:
     """A JPEG with photo-like detail (smooth shapes plus grain), megabytes at a few thousand pixels."""
     rng = np.random.default_rng(0)

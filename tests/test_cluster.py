@@ -168,7 +168,8 @@ def test_the_pipeline_runs_on_a_cluster_in_miniature(tmp_path, s3_server, mlflow
         assert "FINISHED" in sicot_runs and len(by_step["train_sicot"]) >= 2, sicot_runs  # killed once, resumed
         champion = client.get_model_version_by_alias(MODEL, "champion")
         restored = restore_with_dvc(tmp_path / "restore", f"{bucket}/dvc", version, env)
-        assert restored.joinpath("train.jsonl").read_bytes() == storage.read_bytes(storage.join(prepared, "train.jsonl"))
+        original = storage.read_bytes(storage.join(prepared, "train.jsonl"))
+        assert restored.joinpath("train.jsonl").read_bytes() == original
 
         current = json.loads(storage.read_text(f"{bucket}/index_store/index/CURRENT"))
         manifest = json.loads(storage.read_text(f"{bucket}/index_store/index/{current['version']}/manifest.json"))

@@ -43,7 +43,8 @@ def torchrun_command(nodes: int, endpoint: str, run_id: str, nproc_per_node: int
 def train_on_nodes(params, workdirs: list[Path], *overrides: str, nproc_per_node: int = 1,
                    track: bool = False, env: dict[str, str] | None = None, timeout: float = 300) -> list[Node]:
     """Run `python -m components.train_model` with `params` (written to each node's ./params.yaml) and
-    `--set overrides` (`--no-track` unless `track`), one torchrun node per working directory; returns each node's outcome (its output
+    `--set overrides` (`--no-track` unless `track`), one torchrun node per working directory; returns each
+    node's outcome (its output
     is also in `torchrun.out` / `torchrun.err` there). Nodes still running after `timeout` seconds are
     killed with their whole process group (returncode -9)."""
     endpoint, run_id = f"127.0.0.1:{free_port()}", uuid.uuid4().hex[:12]

@@ -1,7 +1,7 @@
 """The torch Dataset over contract records: normalised image, class label, encoded title."""
 from __future__ import annotations
 
-from typing import Callable, Sequence
+from collections.abc import Callable, Sequence
 
 import numpy as np
 import torch

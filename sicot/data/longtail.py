@@ -4,7 +4,7 @@ from __future__ import annotations
 import io
 import statistics
 from collections import Counter
-from typing import Callable, Iterable
+from collections.abc import Callable, Iterable
 
 from sicot import storage
 

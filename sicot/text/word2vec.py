@@ -11,8 +11,8 @@ from __future__ import annotations
 
 import io
 import json
+from collections.abc import Iterable, Sequence
 from pathlib import Path
-from typing import Iterable, Sequence
 
 import numpy as np
 
@@ -68,7 +68,7 @@ class Vocabulary:
         self._ids = {token: i for i, token in enumerate(self.tokens)}
 
     @classmethod
-    def load(cls, directory: str | Path) -> "Vocabulary":
+    def load(cls, directory: str | Path) -> Vocabulary:
         """Read an exported directory (local path or s3:// prefix)."""
         directory = str(directory)
         try:
