@@ -7,14 +7,13 @@ A small untrained recognizer (resnet18 at 16 px, 6 classes) and no index: answer
 """
 from __future__ import annotations
 
-import io
 import threading
 import time
 
-import numpy as np
 import pytest
 
 from sicot.batching import Batcher, BatchError
+from tests.tiny_service import random_photos, save_random_recognizer
 
 CLASSES = [f"SKU{i:03d}" for i in range(6)]
 
@@ -99,29 +98,12 @@ def test_bad_settings_are_refused():
 
 @pytest.fixture(scope="module")
 def model_file(tmp_path_factory) -> str:
-    import torch
-
-    from sicot.model.backbone import create_backbone
-    from sicot.model.recognizer import Recognizer
-
-    torch.manual_seed(0)
-    backbone, dim = create_backbone("resnet18", out_dim=8)
-    path = str(tmp_path_factory.mktemp("model") / "model.pt")
-    Recognizer(backbone, torch.randn(len(CLASSES), dim), CLASSES, 16, {"backbone": "resnet18", "feature_dim": dim}
-               ).save(path)
-    return path
+    return save_random_recognizer(str(tmp_path_factory.mktemp("model") / "model.pt"), CLASSES, 8)
 
 
 @pytest.fixture(scope="module")
 def photos() -> list[bytes]:
-    from PIL import Image
-
-    rng, out = np.random.default_rng(0), []
-    for _ in range(8):
-        buffer = io.BytesIO()
-        Image.fromarray(rng.integers(0, 255, (24, 24, 3), dtype=np.uint8)).save(buffer, format="PNG")
-        out.append(buffer.getvalue())
-    return out
+    return random_photos(8)
 
 
 @pytest.fixture

@@ -9,7 +9,6 @@ traced to the version it came from. The clock the service reads is the test's.
 from __future__ import annotations
 
 import dataclasses
-import io
 import json
 import logging
 import threading
@@ -21,6 +20,7 @@ import numpy as np
 import pytest
 
 from sicot import index, serving
+from tests.tiny_service import random_photos, save_random_recognizer
 
 CLASSES = [f"SKU{i:03d}" for i in range(6)]  # SKU006 and SKU007 are new arrivals: catalog only
 DIM = 8
@@ -49,29 +49,12 @@ def publish(root: str, tag: str) -> str:
 
 @pytest.fixture(scope="module")
 def model_file(tmp_path_factory) -> str:
-    import torch
-
-    from sicot.model.backbone import create_backbone
-    from sicot.model.recognizer import Recognizer
-
-    torch.manual_seed(0)
-    backbone, dim = create_backbone("resnet18", out_dim=DIM)
-    path = str(tmp_path_factory.mktemp("model") / "model.pt")
-    Recognizer(backbone, torch.randn(len(CLASSES), dim), CLASSES, 16, {"backbone": "resnet18", "feature_dim": dim}
-               ).save(path)
-    return path
+    return save_random_recognizer(str(tmp_path_factory.mktemp("model") / "model.pt"), CLASSES, DIM)
 
 
 @pytest.fixture(scope="module")
 def photos() -> list[bytes]:
-    from PIL import Image
-
-    rng, out = np.random.default_rng(0), []
-    for _ in range(3):
-        buffer = io.BytesIO()
-        Image.fromarray(rng.integers(0, 255, (24, 24, 3), dtype=np.uint8)).save(buffer, format="PNG")
-        out.append(buffer.getvalue())
-    return out
+    return random_photos(3)
 
 
 class Clock:
