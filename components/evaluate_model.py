@@ -2,7 +2,8 @@
 
 Writes `reports/<model>/metrics.json` (top-1/top-3 overall, head/tail, many/medium/few, and the
 `model_sha256` of the file evaluated),
-`per_class.csv`, `per_class.png`, SICoT's word-attention view `attention.html`, and, when both the
+`per_class.csv`, `per_class.png`, SICoT's word-attention view `attention.html` (on the demo world
+with the share of attention on noise title words, also in metrics.json), and, when both the
 baseline and the SICoT model exist, `reports/comparison.json` and `comparison.md`.
 """
 from __future__ import annotations
@@ -39,7 +40,7 @@ def _options(p) -> None:
 def main(argv: list[str] | None = None) -> None:
     from components.cli import main as cli_main
 
-    cli_main(run, __doc__.splitlines()[0], argv, extra=_options, sections=("evaluate", "train", "paths"))
+    cli_main(run, __doc__.splitlines()[0], argv, extra=_options, sections=("evaluate", "train", "data", "paths"))
 
 
 if __name__ == "__main__":

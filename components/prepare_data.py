@@ -1,6 +1,6 @@
 """Prepare the dataset: generate the demo world or take a dataset directory, validate it, publish it.
 
-- `data.source: synthetic` generates the long-tailed demo world into `paths.raw` first; any other value
+- `data.source: synthetic` generates the long-tailed demo world `data.world` into `paths.raw` first; any other value
   is a dataset directory or `s3://` prefix in the contract's format (docs/architecture.md#dataset-contract).
 - Every record is checked (`data.on_bad_record`: `error` stops listing every problem, exit code 2;
   `skip` drops bad records and lists them in reports/dropped_records.jsonl).
@@ -36,7 +36,7 @@ def run(params: Params, track: bool = True) -> dict:
     source = data.source
     generated = None
     if source == "synthetic":
-        from sicot.data.synthetic import generate
+        from sicot.data.worlds import generate
 
         generated = generate(paths.raw, data)
         source = paths.raw

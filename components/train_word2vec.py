@@ -2,6 +2,8 @@
 
 Writes `word2vec.model`, `vectors.npy` and `vocab.json` to `paths.word2vec`, replacing the previous
 output only when complete. Catalog titles widen the vocabulary to SKUs with few or no training images.
+Words in more than `word2vec.max_title_share` of the titles are dropped, words seen fewer than
+`word2vec.min_count` times get no vector; the outputs count the words each filter removed.
 """
 from __future__ import annotations
 
@@ -17,32 +19,38 @@ from sicot.config import Params
 def run(params: Params, track: bool = True) -> dict:
     from sicot.data.manifest import load_manifest
     from sicot.text.tokenize import tokenize
-    from sicot.text.word2vec import export, train_word2vec
+    from sicot.text.word2vec import export, frequent_words, train_word2vec
 
     started = time.perf_counter()
     manifest = load_manifest(params.paths.prepared, verify_images=False)  # titles only
     titles = [r.title for r in manifest.train] + [r.title for r in manifest.catalog]
     token_lists = [tokenize(title) for title in titles]
-    model = train_word2vec(token_lists, params.word2vec)
+    dropped = frequent_words(token_lists, params.word2vec.max_title_share)
+    model = train_word2vec(token_lists, params.word2vec, dropped)
     out = params.paths.word2vec
     if storage.is_s3(out):
         with tempfile.TemporaryDirectory() as tmp:
-            export(model, tmp)
+            export(model, tmp, dropped)
             for name in ("word2vec.model", "vectors.npy", "vocab.json"):  # vocab.json last: it marks completion
                 storage.write_bytes(storage.join(out, name), Path(tmp, name).read_bytes())
     else:
         with storage.atomic_dir(out) as tmp:
-            export(model, tmp)
+            export(model, tmp, dropped)
+    distinct = {word for tokens in token_lists for word in tokens}
+    vocabulary = len(model.wv.index_to_key)
     outputs = {"word2vec": out, "titles": len(titles), "words": sum(map(len, token_lists)),
-               "vocabulary": len(model.wv.index_to_key), "dim": model.wv.vector_size,
+               "vocabulary": vocabulary, "dim": model.wv.vector_size,
+               "dropped_frequent": len(dropped), "dropped_rare": len(distinct) - len(dropped) - vocabulary,
                "seconds": round(time.perf_counter() - started, 2)}
     if track:
         from sicot import tracking
 
         with tracking.step_run("train_word2vec", params, sections=("word2vec",)) as run_:
-            tracking.log_metrics({k: outputs[k] for k in ("titles", "words", "vocabulary")})
+            tracking.log_metrics({k: outputs[k] for k in ("titles", "words", "vocabulary", "dropped_frequent",
+                                                          "dropped_rare")})
             outputs["run_id"] = run_.info.run_id
-    print(f"train_word2vec: {outputs['vocabulary']} words x {outputs['dim']} from {outputs['titles']} titles "
+    print(f"train_word2vec: {vocabulary} words x {outputs['dim']} from {outputs['titles']} titles "
+          f"({outputs['dropped_frequent']} dropped as too frequent, {outputs['dropped_rare']} as too rare) "
           f"-> {out}", file=sys.stderr)
     return outputs
 

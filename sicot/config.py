@@ -58,6 +58,7 @@ class Paths:
 
 
 ON_BAD_RECORD = ("error", "skip")  # also checked by sicot.data.manifest, a library entry point
+WORLDS = ("packaged", "apparel")  # the generated worlds (sicot.data.worlds)
 
 
 @dataclass
@@ -65,6 +66,10 @@ class Data:
     """The dataset: a directory in the contract's format, or the generated demo world (keys marked
     "demo world" shape it)."""
     source: str = opt("synthetic", help="`synthetic` (the demo world) or a dataset directory / s3:// prefix")
+    world: str = opt("packaged", choices=WORLDS,
+                     help="demo world: which one is generated: packaged (bottles, tubes, boxes and bags of "
+                          "cosmetics, snacks, drinks) or apparel (flat-lay clothes, shoes, bags, caps with "
+                          "Taobao-style unspaced titles)")
     image_prefixes: str = opt("", help="comma-separated s3:// prefixes records may name images under besides the "
                                       "dataset's own; any other location is refused (docs/security.md)")
     on_bad_record: str = opt("error", choices=ON_BAD_RECORD,
@@ -92,7 +97,12 @@ class Word2Vec:
     """Word vectors (gensim Word2Vec) trained on the training and catalog titles."""
     size: int = opt(64, ge=1, le=4096, help="dimension of a word vector")
     window: int = opt(5, ge=1, help="context window: words on each side that count as neighbours")
-    min_count: int = opt(1, ge=1, help="words seen fewer times are left out of the vocabulary")
+    min_count: int = opt(1, ge=1, help="words seen fewer times are left out of the vocabulary (too rare to learn "
+                                       "a vector for): a title reads them as the unknown word")
+    max_title_share: float = opt(1.0, gt=0.0, le=1.0, help="words in more than this share of the titles are "
+                                                           "removed from every title, for word2vec and the title "
+                                                           "encoder (too common to tell products apart, e.g. "
+                                                           "包邮); 1.0 = keep all")
     epochs: int = opt(20, ge=1, help="passes over the titles")
     seed: int = opt(0, ge=0, help="random seed (one worker thread, so a run repeats exactly)")
 
@@ -123,6 +133,11 @@ class Train:
                                                   "weight (docs/method.md)")
     cotrain_rampup: int = opt(4, ge=0, help="epochs over which λ grows from 0 so the visual stream learns first; "
                                             "0 = the naive form, which loses to the baseline")
+    word_loss: float = opt(0.0, ge=0.0, help="sicot mode: weight β of predicting the title's words from the image "
+                                              "(multi-label BCE of word detectors on v); 0 = off (docs/method.md)")
+    title_anchors: bool = opt(False, help="sicot mode: each class's row of W is offset by the word detectors of its "
+                                          "titles' words (idf-weighted), so tail rows start from words learned on "
+                                          "head products; folded into W at export (docs/method.md)")
     logit_adjust_tau: float = opt(0.0, ge=0.0, help="τ of logit adjustment in the loss (Menon et al.: "
                                                     "logits + τ·log prior); 0 = off")
     epochs: int = opt(12, ge=1, help="training epochs")

@@ -5,7 +5,8 @@ Writes, per model directory `paths.models/<model>/model.pt`:
 - `reports/<model>/metrics.json`: the evaluation output contract (docs/architecture.md#evaluation-output-contract),
   plus `model_sha256`, the sha256 of the model file the numbers describe,
 - `reports/<model>/per_class.csv` and `per_class.png` (top-1 against training images, log x),
-- `reports/<model>/attention.html` when the model has a title encoder with word attention,
+- `reports/<model>/attention.html` when the model has a title encoder with word attention; on the demo
+  world, metrics.json then also holds how much of that attention lands on noise words (sicot.attention),
 and `reports/comparison.json` / `comparison.md` when both `baseline` and `sicot` exist.
 A group with no test image reports accuracy 0.0 with `images: 0`.
 """
@@ -13,7 +14,6 @@ from __future__ import annotations
 
 import csv
 import hashlib
-import html
 import io
 import json
 import os
@@ -115,45 +115,6 @@ def predict(recognizer, dataset, batch_size: int, device: torch.device, k: int =
     return torch.cat(tops).numpy(), torch.cat(labels).numpy()
 
 
-@torch.no_grad()
-def word_attention(encoder, vocab, max_len: int, title: str) -> list[tuple[str, float, bool]]:
-    """(word, attention weight, known to the vocabulary) for a title's words, in title order."""
-    from sicot.text.tokenize import tokenize
-    from sicot.text.word2vec import UNK
-
-    words = tokenize(title)[:max_len]
-    if not words:
-        return []
-    ids = torch.tensor([vocab.ids(words)])
-    _, attention = encoder(ids, torch.ones_like(ids, dtype=torch.bool))
-    if attention is None:
-        return []
-    return [(w, float(a), i != UNK) for w, a, i in zip(words, attention[0].tolist(), ids[0].tolist())]
-
-
-def attention_html(samples: list[tuple[str, str, list[tuple[str, float, bool]]]]) -> str:
-    """Fig. 7-style view: each title's words ordered by attention, top-3 and bottom-3 marked."""
-    css = ("body{font-family:sans-serif;margin:2em}table{border-collapse:collapse}td,th{padding:.4em .6em;"
-           "border-bottom:1px solid #ddd;vertical-align:top}.w{display:inline-block;margin:.1em .2em;"
-           "padding:.1em .4em;border-radius:.3em;background:#eee}.top{background:#9be39b;font-weight:bold}"
-           ".bottom{background:#f4b6b6}.unk{font-style:italic}small{color:#555}")
-    rows = []
-    for sku, title, words in samples:
-        ranked = sorted(words, key=lambda w: -w[1])
-        cells = []
-        for rank, (word, weight, known) in enumerate(ranked):
-            kind = "top" if rank < 3 else "bottom" if rank >= max(3, len(ranked) - 3) else ""
-            kind += "" if known else " unk"
-            cells.append(f'<span class="w {kind.strip()}">{html.escape(word)} <small>{weight:.2f}</small></span>')
-        rows.append(f"<tr><td>{html.escape(sku)}</td><td>{html.escape(title)}</td><td>{''.join(cells)}</td></tr>")
-    return ("<!doctype html><html><head><meta charset=\"utf-8\"><title>SICoT word attention</title>"
-            f"<style>{css}</style></head><body><h1>Word attention of the title stream</h1>"
-            "<p>Words of each test title ordered by attention weight: <span class=\"w top\">top 3</span> "
-            "<span class=\"w bottom\">bottom 3</span> <span class=\"w unk\">not in the vocabulary</span></p>"
-            "<table><tr><th>SKU</th><th>title</th><th>words by attention</th></tr>"
-            + "\n".join(rows) + "</table></body></html>\n")
-
-
 def per_class_png(rows: list[dict], model: str, head_threshold: int) -> bytes:
     import matplotlib
 
@@ -233,29 +194,20 @@ def report_model(name: str, model_dir: str, params: Params, manifest, device: to
     rows = per_class(topk, labels, recognizer.classes, counts, threshold)
 
     out = storage.join(params.paths.reports, name)
+    encoder_uri = storage.join(model_dir, "text_encoder.pt")
+    if storage.exists(encoder_uri):
+        from sicot.attention import attention_report, load_noise_words
+
+        noise_words = load_noise_words(params.paths.raw) if params.data.source == "synthetic" else None
+        page, noise = attention_report(encoder_uri, manifest.test, params.evaluate.attention_samples, noise_words)
+        if noise is not None:
+            metrics |= noise.metrics()
+        if page:
+            storage.write_text(storage.join(out, "attention.html"), page)
     storage.write_text(storage.join(out, "metrics.json"), json.dumps(metrics, indent=2) + "\n")
     storage.write_text(storage.join(out, "per_class.csv"), csv_text(rows))
     storage.write_bytes(storage.join(out, "per_class.png"), per_class_png(rows, name, threshold))
-    encoder_uri = storage.join(model_dir, "text_encoder.pt")
-    if storage.exists(encoder_uri):
-        page = attention_page(encoder_uri, manifest.test, params.evaluate.attention_samples)
-        if page:
-            storage.write_text(storage.join(out, "attention.html"), page)
     return metrics
-
-
-def attention_page(encoder_uri: str, records, samples: int) -> str | None:
-    """The attention view for `samples` test titles spread evenly over the split (None when the encoder
-    has no word attention, e.g. `mean`)."""
-    from sicot.model.text_encoders import load_text_encoder
-
-    encoder, vocab, max_len = load_text_encoder(encoder_uri)
-    titled = [r for r in records if r.title.strip()]
-    spread = np.linspace(0, len(titled) - 1, min(samples, len(titled))).astype(int) if titled else []
-    picks = [titled[i] for i in spread]
-    views = [(r.sku, r.title, word_attention(encoder, vocab, max_len, r.title)) for r in picks]
-    views = [v for v in views if v[2]]
-    return attention_html(views) if views else None
 
 
 def evaluate_all(params: Params, track: bool = True, only: str | None = None) -> dict:
@@ -298,11 +250,13 @@ def write_comparison(params: Params) -> dict | None:
 
 def log_to_mlflow(params: Params, results: dict, table: dict | None) -> str:
     from sicot import tracking
+    from sicot.attention import NOISE_METRICS
 
     with tracking.step_run("evaluate_model", params, sections=("evaluate",)) as run:
         for name, metrics in results.items():
             flat = {f"{name}.top1": metrics["top1"], f"{name}.top3": metrics["top3"]}
             flat.update({f"{name}.{g}.{m}": metrics[g][m] for g in GROUPS for m in ("top1", "top3")})
+            flat.update({f"{name}.{key}": metrics[key] for key in NOISE_METRICS if key in metrics})
             tracking.log_metrics(flat)
             for key in storage.list_keys(storage.join(params.paths.reports, name)):
                 tracking.log_file(key, artifact_path=name)

@@ -4,7 +4,7 @@ import json
 import numpy as np
 import pytest
 
-from sicot.evaluate import attention_html, comparison, per_class, summarize
+from sicot.evaluate import comparison, per_class, summarize
 
 # 4 classes with 150 (many, head), 40 (medium, head), 12 and 3 (few, tail) training images.
 TRAIN_COUNTS = [150, 40, 12, 3]
@@ -57,28 +57,21 @@ def test_comparison_table():
     assert markdown.splitlines()[0] == "| test accuracy (%) | baseline | co-training | gain |"
 
 
-def test_attention_view_marks_top_and_bottom_words():
-    words = [("雅诗兰黛", 0.4), ("包邮", 0.01), ("精华液", 0.3), ("正品", 0.02), ("50ml", 0.2),
-             ("新款", 0.03), ("<b>", 0.04)]
-    page = attention_html([("SKU1", "雅诗兰黛 精华液 <b>", [(w, a, w != "新款") for w, a in words])])
-    row = page[page.index("<td>SKU1"):]
-    order = [w for w in ("雅诗兰黛", "精华液", "50ml", "&lt;b&gt;", "新款", "正品", "包邮")]
-    positions = [row.index(f"{w} <small>") for w in order]
-    assert positions == sorted(positions)  # words ordered by attention, title HTML-escaped
-    assert row.count('class="w top"') == 3 and row.count('class="w bottom') == 3
-    assert 'class="w bottom unk">新款' in row
-
-
 def test_evaluate_model_writes_the_reports(tiny_world, tmp_path, monkeypatch):
-    """Both models trained on the tiny world: every report of the contract is written and logged."""
+    """Both models trained on the tiny world: every report of the contract is written and logged, with
+    the share of SICoT's attention on the demo world's noise words."""
     from components import evaluate_model
+    from sicot.attention import NOISE_METRICS
+    from sicot.data.synthetic import IRRELEVANT_WORDS, PROMO_WORDS
     from sicot.train import run_training
 
     monkeypatch.chdir(tmp_path)
     monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path / 'mlflow.db'}")
     for mode in ("baseline", "sicot"):
         run_training(tiny_world.params(tmp_path, f"train.mode={mode}", "train.epochs=1"), track=False)
-    params = tiny_world.params(tmp_path)
+    (tmp_path / "raw").mkdir()
+    (tmp_path / "raw" / "world.json").write_text(json.dumps({"noise_words": sorted(PROMO_WORDS + IRRELEVANT_WORDS)}))
+    params = tiny_world.params(tmp_path, f"paths.raw={tmp_path / 'raw'}")
     out = evaluate_model.run(params)
 
     reports = tmp_path / "reports"
@@ -93,6 +86,12 @@ def test_evaluate_model_writes_the_reports(tiny_world, tmp_path, monkeypatch):
     assert not (reports / "baseline" / "attention.html").exists()
     page = (reports / "sicot" / "attention.html").read_text(encoding="utf-8")
     assert page.count("<tr><td>SKU") == 4  # evaluate.attention_samples
+    sicot = out["models"]["sicot"]
+    assert not set(NOISE_METRICS) & set(out["models"]["baseline"])
+    assert 0 < sicot["attention_noise_tokens"] < 1 and 0 < sicot["attention_noise_titles"] <= 18
+    noise_mass, noise_tokens = sicot["attention_noise_mass"], sicot["attention_noise_tokens"]
+    assert sicot["attention_noise_ratio"] == pytest.approx(noise_mass / noise_tokens)
+    assert f"Noise ratio {sicot['attention_noise_ratio']:.2f}" in page and 'noise">' in page
     table = json.loads((reports / "comparison.json").read_text())
     assert table["baseline"] == "baseline" and table["cotraining"] == "sicot" and len(table["rows"]) == 6
     assert (reports / "comparison.md").read_text().startswith("| test accuracy (%) |")
@@ -101,6 +100,7 @@ def test_evaluate_model_writes_the_reports(tiny_world, tmp_path, monkeypatch):
 
     run = mlflow.MlflowClient().get_run(out["run_id"])
     assert run.data.metrics["sicot.top1"] == pytest.approx(out["models"]["sicot"]["top1"])
+    assert run.data.metrics["sicot.attention_noise_ratio"] == pytest.approx(sicot["attention_noise_ratio"])
     assert {a.path for a in mlflow.MlflowClient().list_artifacts(out["run_id"])} >= {"baseline", "sicot",
                                                                                       "comparison.json"}
 

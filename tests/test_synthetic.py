@@ -12,7 +12,8 @@ from PIL import Image
 from sicot.config import Data
 from sicot.data.longtail import class_counts, imbalance
 from sicot.data.manifest import load_manifest
-from sicot.data.synthetic import generate, train_counts
+from sicot.data.synthetic import generate
+from sicot.data.worldgen import train_counts
 
 
 def tiny(**overrides) -> Data:

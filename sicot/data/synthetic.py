@@ -9,25 +9,36 @@ It stands in for marketplace data. A SKU is brand x category x variant:
   share of promotional/irrelevant words and how often a variant word is dropped or replaced by a wrong
   one, so titles range from nearly decisive (0.2) to mostly noise (0.9).
 
-Everything comes from numpy Generators seeded by (seed, purpose, sku index): the same seed gives the same
-bytes in every file, and SKUs are rendered one at a time and streamed to disk, so 100k+ SKUs fit.
+`data.world: packaged` selects it. The long tail, the streamed writing and the title-noise mechanics are
+shared with the other worlds (sicot.data.worldgen).
 """
 from __future__ import annotations
 
-import colorsys
-import json
-import logging
 import math
-import time
-from dataclasses import asdict, dataclass, replace
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import numpy as np
-from PIL import Image, ImageDraw, ImageFilter
+from PIL import Image, ImageDraw
 
-from sicot import storage
-
-log = logging.getLogger(__name__)
+from sicot.data.worldgen import (
+    MARKS,
+    Product,
+    World,
+    assign_ids,
+    camera,
+    clamp_noise,
+    draw_mark,
+    hsv,
+    is_latin,
+    keep_core,
+    maybe_misspell,
+    mix,
+    noise_word_count,
+    render_catalog,
+    seller_variant,
+    write_world,
+)
 
 # --- vocabulary -----------------------------------------------------------------------------------
 
@@ -104,8 +115,6 @@ CATEGORY_MODIFIERS = ["男士", "儿童", "旅行装", "家庭装", "高端", "�
                       "经典", "清爽", "滋润", "敏感肌", "大师", "轻盈"]
 TOPS = ["none", "neck", "pump", "nozzle", "lid", "crimp", "gable", "dropper"]
 
-MARKS = ["circle", "square", "triangle", "diamond", "star", "cross", "ring", "hexagon", "chevron", "bars",
-         "crescent", "dots"]
 PATTERNS = ["plain", "hstripes", "vstripes", "dots", "checks", "diagonal"]
 
 CN_BRAND_CHARS = list("露米卡莎雅诗兰黛欧莱美佳洁丽馨娜斯帝维尔思朗博康宝格林安泰瑞凯森贝蒂芙婷妮蓝月星花源清润"
@@ -146,10 +155,8 @@ class Sku:
     size: int         # index into SIZES[category.unit]
     pattern: str
 
-
-def _hsv(h: float, s: float, v: float) -> tuple[int, int, int]:
-    r, g, b = colorsys.hsv_to_rgb(h % 1.0, s, v)
-    return int(r * 255), int(g * 255), int(b * 255)
+    def named(self, sku_id: str) -> Sku:
+        return replace(self, id=sku_id)
 
 
 def make_brands(n: int, rng: np.random.Generator) -> list[Brand]:
@@ -167,9 +174,9 @@ def make_brands(n: int, rng: np.random.Generator) -> list[Brand]:
         hue = rng.random()
         brands.append(Brand(
             latin=latin, chinese=chinese,
-            primary=_hsv(hue, rng.uniform(0.45, 0.95), rng.uniform(0.45, 0.9)),
-            secondary=_hsv(hue + rng.choice([0.0, 0.5, 0.08]), rng.uniform(0.05, 0.35), rng.uniform(0.85, 1.0)),
-            accent=_hsv(hue + rng.uniform(0.3, 0.7), rng.uniform(0.3, 0.9), rng.uniform(0.2, 0.9)),
+            primary=hsv(hue, rng.uniform(0.45, 0.95), rng.uniform(0.45, 0.9)),
+            secondary=hsv(hue + rng.choice([0.0, 0.5, 0.08]), rng.uniform(0.05, 0.35), rng.uniform(0.85, 1.0)),
+            accent=hsv(hue + rng.uniform(0.3, 0.7), rng.uniform(0.3, 0.9), rng.uniform(0.2, 0.9)),
             mark=MARKS[rng.integers(len(MARKS))]))
     return brands
 
@@ -217,83 +224,10 @@ def make_skus(total: int, brands: list[Brand], categories: list[CategoryKind], r
         for combo in rng.choice(n_attr * n_size, size=n_variants, replace=False).tolist():
             attribute, size = divmod(combo, n_size)
             skus.append(Sku("", brand, category, model, attribute, size, PATTERNS[rng.integers(len(PATTERNS))]))
-    order = rng.permutation(len(skus))  # SKU ids carry no trace of brand or category
-    width = max(5, len(str(total - 1)))
-    return [replace(skus[j], id=f"SKU{i:0{width}d}") for i, j in enumerate(order.tolist())]
-
-
-def train_counts(n_classes: int, max_images: int, imbalance: float, profile: str) -> list[int]:
-    """Training images per class, largest first, following an exponential or Zipf long tail.
-
-    Both ends are exact integers (max_images and the nearest achievable max_images / imbalance), so the
-    measured max/min ratio matches the request up to that one rounding.
-    """
-    if n_classes <= 0:
-        return []
-    if max_images < 1 or imbalance < 1:
-        raise ValueError(f"need max_images >= 1 and imbalance >= 1, got {max_images} and {imbalance}")
-    target = max_images / imbalance
-    candidates = {max(1, math.floor(target)), max(1, math.ceil(target))}
-    n_min = min(candidates, key=lambda m: abs(max_images / m - imbalance))
-    if max_images / n_min < 0.9 * imbalance:
-        log.warning("data.max_images=%d cannot give an imbalance of %g (the smallest class keeps 1 image): "
-                    "measured imbalance will be %g", max_images, imbalance, max_images / n_min)
-    if n_classes == 1:
-        return [max_images]
-    ratio = max_images / n_min
-    ranks = np.arange(n_classes, dtype=np.float64)
-    if profile == "exponential":
-        counts = max_images * ratio ** (-ranks / (n_classes - 1))
-    elif profile == "zipf":
-        counts = max_images / (ranks + 1) ** (math.log(ratio) / math.log(n_classes))
-    else:
-        raise ValueError(f"profile must be exponential or zipf, got {profile!r}")
-    out = np.maximum(1, np.rint(counts)).astype(int).tolist()
-    out[0], out[-1] = max_images, n_min
-    return out
+    return assign_ids(skus, rng, total)
 
 
 # --- rendering ------------------------------------------------------------------------------------
-
-def _mix(a, b, t: float) -> tuple[int, int, int]:
-    return tuple(int(round(x * (1 - t) + y * t)) for x, y in zip(a, b))
-
-
-def _mark(draw: ImageDraw.ImageDraw, kind: str, cx: float, cy: float, r: float, fill) -> None:
-    box = (cx - r, cy - r, cx + r, cy + r)
-    if kind == "circle":
-        draw.ellipse(box, fill=fill)
-    elif kind == "square":
-        draw.rectangle((cx - 0.8 * r, cy - 0.8 * r, cx + 0.8 * r, cy + 0.8 * r), fill=fill)
-    elif kind == "triangle":
-        draw.polygon([(cx, cy - r), (cx + r, cy + 0.8 * r), (cx - r, cy + 0.8 * r)], fill=fill)
-    elif kind == "diamond":
-        draw.polygon([(cx, cy - r), (cx + r, cy), (cx, cy + r), (cx - r, cy)], fill=fill)
-    elif kind == "star":
-        draw.regular_polygon((cx, cy, r), 5, fill=fill)
-        draw.regular_polygon((cx, cy, r * 0.9), 5, rotation=36, fill=fill)
-    elif kind == "cross":
-        w = r * 0.35
-        draw.rectangle((cx - w, cy - r, cx + w, cy + r), fill=fill)
-        draw.rectangle((cx - r, cy - w, cx + r, cy + w), fill=fill)
-    elif kind == "ring":
-        draw.ellipse(box, outline=fill, width=max(1, int(r * 0.4)))
-    elif kind == "hexagon":
-        draw.regular_polygon((cx, cy, r), 6, fill=fill)
-    elif kind == "chevron":
-        draw.line([(cx - r, cy - 0.5 * r), (cx, cy + 0.5 * r), (cx + r, cy - 0.5 * r)], fill=fill,
-                  width=max(1, int(r * 0.45)))
-    elif kind == "bars":
-        for k in (-1, 0, 1):
-            draw.rectangle((cx + k * 0.7 * r - 0.22 * r, cy - r, cx + k * 0.7 * r + 0.22 * r, cy + r), fill=fill)
-    elif kind == "crescent":
-        draw.pieslice(box, 90, 270, fill=fill)
-        draw.ellipse((cx - 0.5 * r, cy - 0.75 * r, cx + 0.5 * r, cy + 0.75 * r), fill=fill)
-    else:  # dots
-        for dx, dy in ((-0.5, -0.5), (0.5, -0.5), (0, 0.5)):
-            x, y = cx + dx * r, cy + dy * r
-            draw.ellipse((x - 0.4 * r, y - 0.4 * r, x + 0.4 * r, y + 0.4 * r), fill=fill)
-
 
 def _pattern(draw: ImageDraw.ImageDraw, kind: str, box, fill) -> None:
     x0, y0, x1, y1 = box
@@ -346,7 +280,7 @@ def render_sprite(sku: Sku, brand: Brand, kind: CategoryKind, px: int) -> Image.
     elif kind.body == "cylinder":
         d.rectangle((x0, y0 + 0.06 * h, x1, y1 - 0.06 * h), fill=body)
         d.ellipse((x0, y1 - 0.12 * h, x1, y1), fill=body)
-        d.ellipse((x0, y0, x1, y0 + 0.12 * h), fill=_mix(brand.primary, (255, 255, 255), 0.3))
+        d.ellipse((x0, y0, x1, y0 + 0.12 * h), fill=mix(brand.primary, (255, 255, 255), 0.3))
     elif kind.body == "trap_up":
         d.polygon([(x0, y0), (x1, y0), (x1 - 0.15 * w, y1), (x0 + 0.15 * w, y1)], fill=body)
     elif kind.body == "trap_down":
@@ -360,9 +294,9 @@ def render_sprite(sku: Sku, brand: Brand, kind: CategoryKind, px: int) -> Image.
         teeth = 6
         tooth = 0.05 * h
         pts = [(x0 + (x1 - x0) * i / teeth, y + (-tooth if (i % 2) == up else 0)) for i in range(teeth + 1)]
-        d.polygon([(x0, y), *pts, (x1, y)], fill=_mix(brand.primary, (0, 0, 0), 0.25))
+        d.polygon([(x0, y), *pts, (x1, y)], fill=mix(brand.primary, (0, 0, 0), 0.25))
         d.rectangle((x0, min(y, y + (-tooth if up else tooth)), x1, max(y, y + (-tooth if up else tooth))),
-                    fill=_mix(brand.primary, (0, 0, 0), 0.25))
+                    fill=mix(brand.primary, (0, 0, 0), 0.25))
 
     neck_w = 0.34 * w
     if kind.top in ("neck", "pump", "dropper", "nozzle"):
@@ -380,7 +314,7 @@ def render_sprite(sku: Sku, brand: Brand, kind: CategoryKind, px: int) -> Image.
     elif kind.top == "crimp":
         crimp(y0, up=True)
     elif kind.top == "gable":
-        roof = _mix(brand.primary, (255, 255, 255), 0.25)
+        roof = mix(brand.primary, (255, 255, 255), 0.25)
         d.polygon([(x0, y0), (cx, y0 - 0.25 * h * min(1.0, w / h)), (x1, y0)], fill=roof)
     if kind.bottom == "cap":
         d.rectangle((cx - 0.3 * w, y1 - 1, cx + 0.3 * w, y1 + 0.12 * h), fill=accent)
@@ -390,19 +324,19 @@ def render_sprite(sku: Sku, brand: Brand, kind: CategoryKind, px: int) -> Image.
     # The label: brand secondary colour, the variant's pattern and band, the brand mark.
     lx0, ly0, lx1, ly1 = x0 + 0.14 * w, y0 + 0.22 * h, x1 - 0.14 * w, y0 + 0.7 * h
     d.rectangle((lx0, ly0, lx1, ly1), fill=brand.secondary + (255,))
-    _pattern(d, sku.pattern, (lx0, ly0, lx1, ly1), _mix(brand.secondary, band, 0.45) + (255,))
+    _pattern(d, sku.pattern, (lx0, ly0, lx1, ly1), mix(brand.secondary, band, 0.45) + (255,))
     d.rectangle((x0 + 0.04 * w, y0 + 0.74 * h, x1 - 0.04 * w, y0 + 0.88 * h), fill=band + (255,))
     r = 0.2 * min(lx1 - lx0, ly1 - ly0) + 0.6
-    _mark(d, brand.mark, cx, (ly0 + ly1) / 2, max(1.0, r * 1.6), accent)
+    draw_mark(d, brand.mark, cx, (ly0 + ly1) / 2, max(1.0, r * 1.6), accent)
     return img
 
 
 def _background(size: int, rng: np.random.Generator) -> Image.Image:
-    base = _hsv(rng.random(), rng.uniform(0.0, 0.35), rng.uniform(0.35, 0.95))
+    base = hsv(rng.random(), rng.uniform(0.0, 0.35), rng.uniform(0.35, 0.95))
     img = Image.new("RGB", (size, size), base)
     d = ImageDraw.Draw(img)
     for _ in range(int(rng.integers(2, 7))):  # clutter: shelves, other objects, table edges
-        color = _hsv(rng.random(), rng.uniform(0.0, 0.6), rng.uniform(0.2, 1.0))
+        color = hsv(rng.random(), rng.uniform(0.0, 0.6), rng.uniform(0.2, 1.0))
         x0, y0 = rng.uniform(-0.2, 1.0, size=2) * size
         w, h = rng.uniform(0.1, 0.7, size=2) * size
         shape = rng.integers(3)
@@ -430,44 +364,12 @@ def render_photo(sprite: Image.Image, size: int, rng: np.random.Generator) -> Im
         ow, oh = rng.uniform(0.15, 0.35, size=2) * size
         ox = x + rng.uniform(0, 1) * part.width - ow / 2
         oy = y + rng.uniform(0, 1) * part.height - oh / 2
-        color = _hsv(rng.random(), rng.uniform(0.0, 0.5), rng.uniform(0.3, 1.0))
+        color = hsv(rng.random(), rng.uniform(0.0, 0.5), rng.uniform(0.3, 1.0))
         (d.ellipse if rng.random() < 0.5 else d.rectangle)((ox, oy, ox + ow, oy + oh), fill=color)
-    if rng.random() < 0.35:
-        img = img.filter(ImageFilter.GaussianBlur(radius=float(rng.uniform(0.3, 1.0)) * size / 64))
-    pixels = np.asarray(img, dtype=np.float32)
-    ramp = np.linspace(-0.5, 0.5, size, dtype=np.float32)
-    theta = rng.uniform(0, 2 * math.pi)
-    light = 1.0 + rng.uniform(0, 0.4) * (np.cos(theta) * ramp[None, :] + np.sin(theta) * ramp[:, None])
-    gain = rng.uniform(0.7, 1.2) * rng.uniform(0.92, 1.08, size=3).astype(np.float32)
-    pixels = pixels * light[:, :, None] * gain + rng.normal(0, rng.uniform(1, 6), size=pixels.shape)
-    return Image.fromarray(np.clip(np.rint(pixels), 0, 255).astype(np.uint8), "RGB")
-
-
-def render_catalog(sprite: Image.Image, size: int) -> Image.Image:
-    """The clean catalog picture: the product upright on white."""
-    img = Image.new("RGB", (size, size), (255, 255, 255))
-    part = sprite.resize((size, size), Image.BILINEAR)
-    img.paste(part, (0, 0), part)
-    return img
+    return camera(img, rng)
 
 
 # --- titles ---------------------------------------------------------------------------------------
-
-def _misspell(word: str, rng: np.random.Generator) -> str:
-    if len(word) < 3:
-        return word
-    i = int(rng.integers(1, len(word) - 1))
-    how = rng.integers(3)
-    if how == 0:
-        return word[:i] + word[i + 1] + word[i] + word[i + 2:]  # swap two letters
-    if how == 1:
-        return word[:i] + word[i + 1:]  # drop one
-    return word[:i] + word[i] + word[i:]  # double one
-
-
-def _is_latin(word: str) -> bool:
-    return any("a" <= c.lower() <= "z" for c in word)
-
 
 def product_title(sku: Sku, brand: Brand, kind: CategoryKind) -> str:
     """The clean catalog title: brand, model, category, variant, size."""
@@ -481,113 +383,61 @@ def seller_title(sku: Sku, brand: Brand, kind: CategoryKind, noise: float, empty
     dropped or swapped for a wrong one; brand and category words are dropped with chance noise**2."""
     if rng.random() < empty_rate:
         return ""
-    noise = min(max(noise, 0.0), 0.95)
-    keep_core = 1.0 - noise ** 2
+    noise = clamp_noise(noise)
+    core = keep_core(noise)
     words = []
-    if rng.random() < 0.8 and rng.random() < keep_core:
+    if rng.random() < 0.8 and rng.random() < core:
         words.append(brand.latin)
-    if rng.random() < 0.6 and rng.random() < keep_core:
+    if rng.random() < 0.6 and rng.random() < core:
         words.append(brand.chinese)
-    if rng.random() < 0.5 and rng.random() < keep_core:
+    if rng.random() < 0.5 and rng.random() < core:
         words.append(sku.model)
-    if rng.random() < keep_core:
+    if rng.random() < core:
         words.append(kind.word)
     if rng.random() < 0.3:
         words.append(kind.tags[int(rng.integers(2))])
     for values, value in ((ATTRIBUTES[kind.attribute], sku.attribute), (SIZES[kind.unit], sku.size)):
-        if rng.random() >= noise:
-            chosen = value
-        elif rng.random() < 0.5:
-            continue
-        else:
-            chosen = int(rng.integers(len(values) - 1))
-            chosen += chosen >= value  # a wrong variant, never the right one
-        item = values[chosen]
-        words.append(item[0] if isinstance(item, tuple) else item)
-    n_noise = min(30, int(rng.poisson(max(len(words), 3) * noise / (1.0 - noise))))
-    for _ in range(n_noise):
+        chosen = seller_variant(value, len(values), noise, rng)
+        if chosen is not None:
+            item = values[chosen]
+            words.append(item[0] if isinstance(item, tuple) else item)
+    for _ in range(noise_word_count(len(words), noise, rng)):
         pool = PROMO_WORDS if rng.random() < 0.6 else IRRELEVANT_WORDS
         words.append(pool[int(rng.integers(len(pool)))])
-    words = [_misspell(w, rng) if _is_latin(w) and rng.random() < 0.05 + 0.15 * noise else w for w in words]
+    words = [maybe_misspell(w, noise, rng) for w in words]
     order = rng.permutation(len(words))
     words = [words[i] for i in order]
     out = words[:1]
     for word in words[1:]:  # sellers often glue Chinese words together
-        glue = not _is_latin(word) and not _is_latin(out[-1]) and rng.random() < 0.25
+        glue = not is_latin(word) and not is_latin(out[-1]) and rng.random() < 0.25
         out[-1:] = [out[-1] + word] if glue else [out[-1], word]
     return " ".join(out)
 
 
 # --- the generator --------------------------------------------------------------------------------
 
-def _save_png(img: Image.Image, path: Path) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    img.save(path, format="PNG", compress_level=6)
+def build(cfg, rng: np.random.Generator) -> World:
+    """The packaged-goods world `cfg` (a `sicot.config.Data`) describes, drawn from `rng`."""
+    brands = make_brands(cfg.brands, rng)
+    categories = make_categories(cfg.categories)
+    skus = make_skus(cfg.skus + cfg.holdout_skus, brands, categories, rng)
+    size = cfg.image_size
+
+    def product(sku: Sku) -> Product:
+        brand, kind = brands[sku.brand], categories[sku.category]
+        sprite = render_sprite(sku, brand, kind, 2 * size)  # twice the size: the downscaled photo is anti-aliased
+        return Product(
+            photo=lambda rng: render_photo(sprite, size, rng),
+            title=lambda rng: seller_title(sku, brand, kind, cfg.title_noise, cfg.empty_title_rate, rng),
+            tags=list(kind.tags), catalog_image=render_catalog(sprite, size),
+            catalog_title=product_title(sku, brand, kind),
+            catalog_tags=[*kind.tags, brand.latin, ATTRIBUTES[kind.attribute][sku.attribute][0]])
+
+    return World(skus=skus, brands=len(brands), categories=len(categories),
+                 noise_words=PROMO_WORDS + IRRELEVANT_WORDS, product=product)
 
 
 def generate(out_dir: str | Path, cfg) -> dict:
-    """Write the demo world described by `cfg` (a `sicot.config.Data`) to the local directory `out_dir`.
-
-    The directory is built under a temporary name and replaces `out_dir` only when complete.
-    Returns the world's statistics (also written to world.json).
-    """
-    started = time.perf_counter()
-    for name in ("skus", "brands", "categories", "max_images", "image_size"):
-        if getattr(cfg, name) < 1:
-            raise ValueError(f"data.{name} must be >= 1, got {getattr(cfg, name)}")
-    if cfg.image_size < 8:
-        raise ValueError(f"data.image_size must be >= 8, got {cfg.image_size}")
-    world_rng = np.random.default_rng([cfg.seed, 0])
-    brands = make_brands(cfg.brands, world_rng)
-    categories = make_categories(cfg.categories)
-    total = cfg.skus + cfg.holdout_skus
-    skus = make_skus(total, brands, categories, world_rng)
-    is_holdout = np.zeros(total, dtype=bool)
-    is_holdout[world_rng.choice(total, size=cfg.holdout_skus, replace=False)] = True
-    trained = np.flatnonzero(~is_holdout)
-    counts = np.zeros(total, dtype=int)
-    counts[world_rng.permutation(trained)] = train_counts(len(trained), cfg.max_images, cfg.imbalance, cfg.profile)
-
-    size = cfg.image_size
-    sprite_px = 2 * size  # drawn at twice the size, so the downscaled photo is anti-aliased
-    n_images = {"train": 0, "val": 0, "test": 0, "holdout": 0, "catalog": 0}
-    with storage.atomic_dir(out_dir) as tmp:
-        names = ["train", "val", "test", "catalog"] + (["holdout"] if cfg.holdout_skus else [])
-        files = {name: open(tmp / f"{name}.jsonl", "w", encoding="utf-8") for name in names}
-        try:
-            for index, sku in enumerate(skus):
-                brand, kind = brands[sku.brand], categories[sku.category]
-                rng = np.random.default_rng([cfg.seed, 1, index])
-                sprite = render_sprite(sku, brand, kind, sprite_px)
-                plan = ([("holdout", cfg.test_per_class)] if is_holdout[index] else
-                        [("train", int(counts[index])), ("val", cfg.val_per_class), ("test", cfg.test_per_class)])
-                for split, n in plan:
-                    for k in range(n):
-                        rel = f"images/{sku.id}/{split}_{k:04d}.png"
-                        _save_png(render_photo(sprite, size, rng), tmp / rel)
-                        title = seller_title(sku, brand, kind, cfg.title_noise, cfg.empty_title_rate, rng)
-                        files[split].write(json.dumps({"image": rel, "sku": sku.id, "title": title,
-                                                       "tags": list(kind.tags)}, ensure_ascii=False) + "\n")
-                    n_images[split] += n
-                rel = f"images/catalog/{sku.id}.png"
-                _save_png(render_catalog(sprite, size), tmp / rel)
-                attr_word = ATTRIBUTES[kind.attribute][sku.attribute][0]
-                entry = {"image": rel, "sku": sku.id, "title": product_title(sku, brand, kind),
-                         "tags": [*kind.tags, brand.latin, attr_word]}
-                files["catalog"].write(json.dumps(entry, ensure_ascii=False) + "\n")
-                n_images["catalog"] += 1
-        finally:
-            for fh in files.values():
-                fh.close()
-        train = counts[trained]
-        stats = {
-            "skus": int(cfg.skus), "holdout_skus": int(cfg.holdout_skus), "brands": len(brands),
-            "categories": len(categories), "product_lines": len({(s.brand, s.category) for s in skus}),
-            "images": n_images,
-            "max_class_images": int(train.max()), "min_class_images": int(train.min()),
-            "imbalance_requested": float(cfg.imbalance), "imbalance_measured": float(train.max() / train.min()),
-        }
-        (tmp / "world.json").write_text(json.dumps({"params": asdict(cfg), "stats": stats}, ensure_ascii=False,
-                                                   indent=1) + "\n", encoding="utf-8")
-    stats["seconds"] = round(time.perf_counter() - started, 2)
-    return stats
+    """Write the packaged-goods world described by `cfg` (a `sicot.config.Data`) to the local directory
+    `out_dir`, atomically; returns its statistics (sicot.data.worldgen.write_world)."""
+    return write_world(out_dir, cfg, build)
