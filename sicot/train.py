@@ -51,6 +51,7 @@ from sicot.model.recognizer import Recognizer
 from sicot.model.sicot import CoTraining, SICoT
 from sicot.model.starting_point import StartingPoint, load_starting_point
 from sicot.model.text_encoders import create_text_encoder, save_text_encoder
+from sicot.model.title_anchors import TitleWords, class_word_weights
 from sicot.text.word2vec import Vocabulary
 
 CHECKPOINT_FORMAT = "sicot.checkpoint/1"
@@ -147,6 +148,7 @@ class TrainingData:
     val: torch.utils.data.Dataset
     train_counts: list[int]
     vocab: Vocabulary | None  # SICoT mode only
+    class_words: torch.Tensor | None  # T [C, V] sparse: each class's title words (title anchors)
 
 
 def load_data(params: Params) -> TrainingData:
@@ -171,11 +173,15 @@ def load_data(params: Params) -> TrainingData:
     index = {sku: i for i, sku in enumerate(classes)}
     counts = class_counts(manifest.train)
     image_size = params.train.image_size
+    class_words = None
+    if vocab is not None and params.train.title_anchors:
+        class_words = class_word_weights((index[r.sku] for r in manifest.train),
+                                         (encode(r.title) for r in manifest.train), len(classes), len(vocab))
     return TrainingData(
         classes=classes,
         train=ProductDataset(prepared, manifest.train, index, image_size, encode_title=encode, augment=True),
         val=ProductDataset(prepared, manifest.val, index, image_size, encode_title=encode),
-        train_counts=[counts[sku] for sku in classes], vocab=vocab)
+        train_counts=[counts[sku] for sku in classes], vocab=vocab, class_words=class_words)
 
 
 # --- model -------------------------------------------------------------------------------------------
@@ -203,8 +209,16 @@ def build_model(params: Params, data: TrainingData, start: StartingPoint, group)
         encoder = create_text_encoder(params.train.text_encoder, data.vocab.embeddings, dim)
     classifier = make_classifier(params, dim, len(data.classes), group)
     start.load_classifier_rows(classifier, data.classes)
+    words, word_weight = None, 0.0
+    if encoder is not None and (params.train.word_loss or params.train.title_anchors):
+        class_words = None
+        if data.class_words is not None:
+            lo, hi = classifier.class_range
+            class_words = data.class_words.index_select(0, torch.arange(lo, hi)).coalesce()
+        word_weight = params.train.word_loss
+        words = TitleWords(dim, len(data.vocab), class_words, predict=word_weight > 0)
     cotraining = CoTraining(weight=params.train.cotrain_weight, rampup=params.train.cotrain_rampup)
-    return SICoT(backbone, dim, classifier, encoder, cotraining=cotraining)
+    return SICoT(backbone, dim, classifier, encoder, cotraining=cotraining, words=words, word_weight=word_weight)
 
 
 def fingerprint(params: Params, model: SICoT, data: TrainingData) -> dict:
@@ -217,6 +231,7 @@ def fingerprint(params: Params, model: SICoT, data: TrainingData) -> dict:
         "feature_dim": model.dim,
         "image_size": params.train.image_size,
         "text_encoder": params.train.text_encoder if mode == "sicot" else "",
+        "title_words": model.streams.words is not None,
         "word_vectors": list(data.vocab.embeddings.shape) if data.vocab is not None else [],
         "classes": len(data.classes),
         "classes_sha256": hashlib.sha256("\n".join(data.classes).encode()).hexdigest(),
@@ -403,7 +418,7 @@ def train_one_epoch(training: TrainingSetup, epoch: int) -> dict:
             average_gradients(model.classifier, training.group)
         optimizer.step()
         n = labels.shape[0]
-        predicted = model.classifier.topk(parts["features"].float(), 1)[1][:, 0]
+        predicted = model.classifier.topk(parts["features"].float(), 1, parts["row_offsets"])[1][:, 0]
         totals += torch.stack([loss.detach() * n, parts["visual"] * n, parts.get("cotrain", loss.new_zeros(())) * n,
                                (predicted == labels).sum(), loss.new_tensor(n)]).double()
         if show and step % 10 == 0:
@@ -426,12 +441,13 @@ def evaluate(training: TrainingSetup) -> float:
     split: validation is small, and a class-sharded classifier needs all ranks in each top-k."""
     model, device = training.model, training.process.device
     model.eval()
+    offsets = model.row_offsets()
     correct = seen = 0
     for batch in training.val_loader:
         batch = training.to_device(batch)
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=training.amp):
             features = model.backbone(batch["image"])
-        predicted = model.classifier.topk(features.float(), 1)[1][:, 0]
+        predicted = model.classifier.topk(features.float(), 1, offsets)[1][:, 0]
         correct += int((predicted == batch["label"]).sum())
         seen += batch["label"].shape[0]
     return correct / seen if seen else 0.0
@@ -488,7 +504,9 @@ def log_prior_of(data: TrainingData, params: Params, device: torch.device) -> to
 def write_outputs(training: TrainingSetup, data: TrainingData, history: list, out_dir: str) -> dict:
     """model.pt (Recognizer), text_encoder.pt (SICoT) and history.json; collective, rank 0 writes."""
     params, model = training.params, training.model
-    weight = model.classifier.full_weight().detach().cpu()  # a collective for a sharded classifier
+    model.eval()
+    # A collective for a sharded classifier; title anchors are folded in, the export is image-only.
+    weight = model.classifier.full_weight(model.row_offsets()).detach().cpu()
     outputs = {"mode": params.train.mode, "model": storage.join(out_dir, "model.pt"),
                "checkpoint": storage.join(out_dir, "checkpoint.pt"),
                "history": storage.join(out_dir, "history.json"), "epochs": len(history),

@@ -308,6 +308,55 @@ def ddp_sgd_matches_single_process(rank, world, root):
     close(weight, ref_w.detach(), "classifier weight")
 
 
+def title_words_match_single_process(rank, world, root):
+    """SICoT with title anchors (DDP encoders, sharded W, each rank anchoring its own classes' rows):
+    a few SGD steps equal one process on the global batches, the folded W too. (The title-word loss is
+    a per-rank mean like any data-parallel loss, so it is left out of this exact comparison.)"""
+    from torch.nn.parallel import DistributedDataParallel as DDP
+
+    from sicot.model.classifier import ReplicatedClassifier
+    from sicot.model.sicot import SICoT
+    from sicot.model.text_encoders import create_text_encoder
+    from sicot.model.title_anchors import TitleWords, class_word_weights
+
+    sizes, words = SIZES[world], 7
+    gen = torch.Generator().manual_seed(5)
+    table = torch.randn(words, 4, generator=gen)
+    table[0] = 0
+    class_words = class_word_weights(range(CLASSES), torch.randint(2, words, (CLASSES, 3), generator=gen).tolist(),
+                                     CLASSES, words)
+
+    def sicot(classifier):
+        torch.manual_seed(10)
+        backbone = nn.Sequential(nn.Linear(6, 12), nn.ReLU(), nn.Linear(12, DIM), nn.ReLU())
+        encoder = create_text_encoder("bilinear", table.numpy(), DIM)
+        lo, hi = classifier.class_range
+        title_words = TitleWords(DIM, words, class_words.index_select(0, torch.arange(lo, hi)).coalesce(),
+                                 predict=False)
+        nn.init.normal_(title_words.weight, std=0.3, generator=torch.Generator().manual_seed(3))
+        return SICoT(backbone, DIM, classifier, encoder, cotrain_weight=1.0, words=title_words)
+
+    ref, model = sicot(ReplicatedClassifier(DIM, CLASSES)), sicot(make())
+    streams = DDP(model.streams)
+    ref_opt = torch.optim.SGD(ref.parameters(), lr=0.2, momentum=0.9)
+    opt = torch.optim.SGD(model.parameters(), lr=0.2, momentum=0.9)
+    for step in range(3):
+        gen = torch.Generator().manual_seed(100 + step)
+        images, y = torch.randn(sum(sizes), 6, generator=gen), torch.randint(0, CLASSES, (sum(sizes),), generator=gen)
+        tokens = torch.randint(0, words, (sum(sizes), 5), generator=gen)
+        ref_opt.zero_grad()
+        ref.training_loss(images, y, tokens)[0].backward()
+        ref_opt.step()
+        opt.zero_grad()
+        part = mine(sizes, rank)
+        model.training_loss(images[part], y[part], tokens[part], streams=streams)[0].backward()
+        opt.step()
+    weight = model.classifier.full_weight(model.row_offsets())
+    for (name, p), q in zip(model.streams.named_parameters(), ref.streams.parameters()):
+        close(p.detach(), q.detach(), f"streams {name}", rtol=1e-4, atol=1e-5)
+    close(weight, ref.classifier.full_weight(ref.row_offsets()).detach(), "folded classifier", rtol=1e-4, atol=1e-5)
+
+
 SCENARIOS = {
     "loss_and_grads": (loss_and_grads, (1, 2, 3)),
     "grads_without_ddp_scaling": (grads_without_ddp_scaling, (2, 3)),
@@ -325,6 +374,7 @@ SCENARIOS = {
     "checkpoint_load": (checkpoint_load, (1, 3)),
     "checkpoint_mismatch": (checkpoint_mismatch, (3,)),
     "ddp_sgd_matches_single_process": (ddp_sgd_matches_single_process, (1, 2, 3)),
+    "title_words_match_single_process": (title_words_match_single_process, (1, 2, 3)),
 }
 
 

@@ -343,3 +343,44 @@ def test_mixed_loss_has_no_weight_before_the_ramp_starts():
     model.start_epoch(1)
     loss, parts = model.training_loss(images, labels, tokens)
     assert torch.allclose(loss, parts["visual"] + 0.5 * parts["cotrain"])
+
+
+
+def test_class_word_weights_are_idf_weighted_shares_of_each_class_titles():
+    from sicot.model.title_anchors import class_word_weights
+
+    labels = [0, 0, 1, 2]
+    titles = [[5, 3], [3, 7, 1], [3, 7], [3, 0, 1]]  # 3 in every class: no weight; 1 = UNK, 0 = PAD
+    dense = class_word_weights(labels, titles, num_classes=3, vocab_size=8).to_dense()
+    idf = math.log(3 / 2)  # 5 only in class 0 (log 3), 7 in classes 0 and 1
+    raw0 = {5: 0.5 * math.log(3), 7: 0.5 * idf}
+    assert dense[0, 5].item() == pytest.approx(raw0[5] / sum(raw0.values()))
+    assert dense[0, 7].item() == pytest.approx(raw0[7] / sum(raw0.values()))
+    assert dense[1].tolist() == [0, 0, 0, 0, 0, 0, 0, 1.0] and dense[2].abs().sum() == 0
+    assert dense[:, 3].abs().sum() == 0
+
+
+def test_title_words_start_as_the_plain_model_and_learn_from_the_loss():
+    """U starts at zero: the first loss is the plain model's plus the word loss of a blank detector;
+    one step later the anchored rows moved, and predicting title words pulled U toward them."""
+    from sicot.model.title_anchors import TitleWords, class_word_weights
+
+    def model(words: bool):
+        torch.manual_seed(0)
+        backbone = nn.Sequential(nn.Flatten(), nn.Linear(12, OUT), nn.ReLU())
+        encoder = text_encoders.create_text_encoder("bilinear", table(), OUT)
+        class_words = class_word_weights([0, 1, 2], [[2, 3], [4, 5, 6], [7]], 3, VOCAB)
+        return SICoT(backbone, OUT, ReplicatedClassifier(OUT, 3), encoder, cotrain_weight=1.0,
+                     words=TitleWords(OUT, VOCAB, class_words) if words else None, word_weight=0.5)
+
+    images, labels, tokens = torch.randn(4, 3, 2, 2), torch.tensor([0, 1, 2, 1]), TOKENS
+    plain, anchored = model(False), model(True)
+    loss, parts = anchored.training_loss(images, labels, tokens)
+    assert parts["row_offsets"].abs().max() == 0
+    assert loss.item() == pytest.approx(plain.training_loss(images, labels, tokens)[0].item()
+                                        + 0.5 * parts["words"].item())
+    assert parts["words"].item() == pytest.approx(VOCAB * math.log(2) * 3 / 6)  # 3 titled rows, 6 known words
+    optimizer = torch.optim.SGD(anchored.parameters(), lr=0.5)
+    loss.backward()
+    optimizer.step()
+    assert anchored.row_offsets().abs().max() > 0

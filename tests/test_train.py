@@ -9,7 +9,7 @@ import pytest
 import torch
 import yaml
 
-from sicot import storage
+from sicot import storage, torchfile
 from sicot.model.recognizer import Recognizer
 from sicot.model.starting_point import StartingPoint
 from sicot.train import (
@@ -336,3 +336,23 @@ def test_tf32_is_set_for_a_cuda_device(tiny_world, tmp_path, tf32, precision):
         torch.set_float32_matmul_precision(before[0])
         torch.backends.cudnn.allow_tf32, torch.backends.cudnn.benchmark = before[1:3]
         torch.use_deterministic_algorithms(before[3], warn_only=True)
+
+
+def test_title_anchors_are_folded_into_the_exported_image_only_model(tiny_world, tmp_path):
+    """The deployed model has no titles: W + the anchors' offsets is what it holds, and it predicts
+    the validation split exactly as the training run scored it."""
+    from sicot.data.dataset import ProductDataset
+    from sicot.data.manifest import load_manifest
+    from sicot.evaluate import predict
+
+    params = tiny_world.params(tmp_path, "train.mode=sicot", "train.title_anchors=true", "train.word_loss=1")
+    out = run_training(params, track=False)
+    recognizer = Recognizer.load(out["model"])
+    plain_w = torchfile.load(out["checkpoint"], "checkpoint")["model"]["classifier.weight"]
+    assert not torch.allclose(recognizer.state_dict()["weight"], plain_w)
+    manifest = load_manifest(params.paths.prepared, verify_images=False)
+    index = {sku: i for i, sku in enumerate(recognizer.classes)}
+    top, labels = predict(recognizer, ProductDataset(params.paths.prepared, manifest.val, index,
+                                                     params.train.image_size), 64, torch.device("cpu"), k=1)
+    history = json.loads(Path(out["history"]).read_text())
+    assert (top[:, 0] == labels).mean() == pytest.approx(history[-1]["val_top1"])

@@ -81,7 +81,7 @@ class TextEncoder(nn.Module):
 
     def __init__(self, embeddings, out_dim: int, in_dim: int | None = None):
         super().__init__()
-        table = torch.as_tensor(np.asarray(embeddings, dtype=np.float32))
+        table = torch.tensor(np.asarray(embeddings, dtype=np.float32))  # a copy: training must not edit the caller's
         self.embedding = nn.Embedding.from_pretrained(table, freeze=False, padding_idx=0)
         self.out_dim = out_dim
         self.project = nn.Sequential(nn.Linear(in_dim or table.shape[1], out_dim), nn.ReLU())
@@ -156,7 +156,8 @@ def save_text_encoder(encoder: TextEncoder, name: str, vocab: Vocabulary, max_le
     the attention view; the deployable model never needs it)."""
     buffer = io.BytesIO()
     torch.save({"format": ENCODER_FORMAT, "name": name, "out_dim": encoder.out_dim, "max_len": max_len,
-                "tokens": list(vocab.tokens), "state_dict": encoder.state_dict()}, buffer)
+                "tokens": list(vocab.tokens), "dropped": sorted(vocab.dropped), "state_dict": encoder.state_dict()},
+               buffer)
     storage.write_bytes(uri, buffer.getvalue())
 
 
@@ -168,4 +169,4 @@ def load_text_encoder(uri: str):
     table = blob["state_dict"]["embedding.weight"].numpy()
     encoder = create_text_encoder(blob["name"], table, blob["out_dim"])
     encoder.load_state_dict(blob["state_dict"])
-    return encoder.eval(), Vocabulary(blob["tokens"], table), blob["max_len"]
+    return encoder.eval(), Vocabulary(blob["tokens"], table, blob.get("dropped", ())), blob["max_len"]
