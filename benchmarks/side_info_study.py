@@ -11,7 +11,8 @@ runs train twice as many epochs with the learning rate ending where the 1x sched
 
 - `baseline`, `baseline_la`: the visual stream alone, without and with logit adjustment (τ = 1);
 - `sicot`: the paper's co-training as shipped before (λ = 2 ramped up, max-fusion of v and s);
-- `words`: predicting the title's words from the image (`train.word_loss`), without the mixed loss;
+- `words`: predicting the title's words from the image (`train.word_loss` β = 0.1; β = 1 lets the word
+  loss dominate), without the mixed loss;
 - `anchors`: `words` plus classifier rows anchored in those word detectors (`train.title_anchors`);
 - `sicot_anchors`: the paper's co-training plus anchors; every method also with `_la`.
 
@@ -40,9 +41,9 @@ SICOT = ["train.mode=sicot"]
 METHODS = {
     "baseline": ["train.mode=baseline"],
     "sicot": SICOT,
-    "words": [*SICOT, "train.word_loss=1", "train.cotrain_weight=0"],
-    "anchors": [*SICOT, "train.word_loss=1", "train.title_anchors=true", "train.cotrain_weight=0"],
-    "sicot_anchors": [*SICOT, "train.word_loss=1", "train.title_anchors=true"],
+    "words": [*SICOT, "train.word_loss=0.1", "train.cotrain_weight=0"],
+    "anchors": [*SICOT, "train.word_loss=0.1", "train.title_anchors=true", "train.cotrain_weight=0"],
+    "sicot_anchors": [*SICOT, "train.word_loss=0.1", "train.title_anchors=true"],
 }
 BASELINES = ("baseline", "baseline_la")
 
