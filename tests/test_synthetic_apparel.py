@@ -1,6 +1,5 @@
 """The apparel world: the demo world's contract and knobs, other looks, unspaced titles that jieba must segment."""
 import json
-import math
 import re
 from collections import Counter, defaultdict
 from pathlib import Path
@@ -15,6 +14,7 @@ from sicot.data.longtail import class_counts, imbalance
 from sicot.data.manifest import load_manifest
 from sicot.data.worlds import GENERATORS, generate
 from sicot.text.tokenize import tokenize
+from tests.test_synthetic import title_only_accuracy
 
 
 def tiny(**overrides) -> Data:
@@ -128,28 +128,13 @@ def _noise_share(root: Path) -> float:
     return sum(t in noise_tokens for t in tokens) / len(tokens)
 
 
-def _title_only_accuracy(root: Path) -> float:
-    """Cosine to each SKU's word-count centroid of its training titles, on jieba tokens."""
-    m = load_manifest(str(root), verify_images=False)
-    centroids = defaultdict(Counter)
-    for r in m.train:
-        centroids[r.sku].update(tokenize(r.title))
-    norms = {sku: math.sqrt(sum(v * v for v in c.values())) or 1.0 for sku, c in centroids.items()}
-    hits = 0
-    for r in m.test:
-        q = Counter(tokenize(r.title))
-        best = max(sorted(centroids), key=lambda s: sum(n * centroids[s][w] for w, n in q.items()) / norms[s])
-        hits += best == r.sku
-    return hits / len(m.test)
-
-
 def test_title_noise_keeps_its_meaning(tmp_path):
     share, accuracy = {}, {}
     for noise in (0.3, 0.9):
         root = tmp_path / str(noise)
         generate(root, tiny(skus=24, brands=4, categories=3, max_images=30, imbalance=5, test_per_class=8,
                             holdout_skus=0, title_noise=noise, empty_title_rate=0.0))
-        share[noise], accuracy[noise] = _noise_share(root), _title_only_accuracy(root)
+        share[noise], accuracy[noise] = _noise_share(root), title_only_accuracy(root, tokenize)
     assert 0.2 < share[0.3] < 0.45 and share[0.9] > 0.75, share
     assert accuracy[0.3] > 0.5 and accuracy[0.3] > accuracy[0.9] + 0.3, accuracy
 

@@ -40,6 +40,7 @@ from sicot.data.worldgen import (
     camera,
     clamp_noise,
     draw_mark,
+    extend_kinds,
     hsv,
     keep_core,
     maybe_misspell,
@@ -170,19 +171,10 @@ def make_brands(n: int, rng: np.random.Generator) -> list[Brand]:
 
 
 def make_garments(n: int) -> list[Garment]:
-    out = []
-    for i in range(n):
-        base = BASE_GARMENTS[i % len(BASE_GARMENTS)]
-        round_ = i // len(BASE_GARMENTS)
-        if round_ == 0:
-            out.append(base)
-            continue
-        modifier = GARMENT_MODIFIERS[(round_ - 1) % len(GARMENT_MODIFIERS)]
-        suffix = "" if round_ <= len(GARMENT_MODIFIERS) else str(round_ // len(GARMENT_MODIFIERS) + 1)
-        detail = DETAILS[(DETAILS.index(base.detail) + round_) % len(DETAILS)]
-        out.append(replace(base, word=f"{modifier}{suffix}{base.word}", length=base.length * (0.8 + 0.1 * (round_ % 5)),
-                           detail=detail))
-    return out
+    """Beyond the base list: a modified base garment, longer or shorter, with another detail."""
+    return extend_kinds(BASE_GARMENTS, GARMENT_MODIFIERS, n, lambda kind, round_: replace(
+        kind, length=kind.length * (0.8 + 0.1 * (round_ % 5)),
+        detail=DETAILS[(DETAILS.index(kind.detail) + round_) % len(DETAILS)]))
 
 
 def _style_number(rng: np.random.Generator) -> str:

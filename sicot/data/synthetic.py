@@ -29,6 +29,7 @@ from sicot.data.worldgen import (
     camera,
     clamp_noise,
     draw_mark,
+    extend_kinds,
     hsv,
     is_latin,
     keep_core,
@@ -182,19 +183,9 @@ def make_brands(n: int, rng: np.random.Generator) -> list[Brand]:
 
 
 def make_categories(n: int) -> list[CategoryKind]:
-    out = []
-    for i in range(n):
-        base = BASE_CATEGORIES[i % len(BASE_CATEGORIES)]
-        round_ = i // len(BASE_CATEGORIES)
-        if round_ == 0:
-            out.append(base)
-            continue
-        modifier = CATEGORY_MODIFIERS[(round_ - 1) % len(CATEGORY_MODIFIERS)]
-        suffix = "" if round_ <= len(CATEGORY_MODIFIERS) else str(round_ // len(CATEGORY_MODIFIERS) + 1)
-        top = TOPS[(TOPS.index(base.top) + round_) % len(TOPS)]
-        aspect = base.aspect * (0.75 + 0.1 * (round_ % 6))
-        out.append(replace(base, word=f"{modifier}{suffix}{base.word}", top=top, aspect=aspect))
-    return out
+    """Beyond the base list: a modified base category with new proportions and another top."""
+    return extend_kinds(BASE_CATEGORIES, CATEGORY_MODIFIERS, n, lambda kind, round_: replace(
+        kind, top=TOPS[(TOPS.index(kind.top) + round_) % len(TOPS)], aspect=kind.aspect * (0.75 + 0.1 * (round_ % 6))))
 
 
 def _model_token(rng: np.random.Generator) -> str:

@@ -15,7 +15,7 @@ import logging
 import math
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -71,6 +71,22 @@ def assign_ids(skus: list, rng: np.random.Generator, total: int) -> list:
 
 MARKS = ["circle", "square", "triangle", "diamond", "star", "cross", "ring", "hexagon", "chevron", "bars",
          "crescent", "dots"]
+
+
+def extend_kinds(bases: Sequence, modifiers: Sequence[str], n: int, vary: Callable[[Any, int], Any]) -> list:
+    """n product kinds: the base kinds, then each base again per round under a modifier word ("男士",
+    "旅行装", ...), reshaped by `vary(kind, round)` so the new kind looks and reads differently."""
+    out = []
+    for i in range(n):
+        base = bases[i % len(bases)]
+        round_ = i // len(bases)
+        if round_ == 0:
+            out.append(base)
+            continue
+        modifier = modifiers[(round_ - 1) % len(modifiers)]
+        suffix = "" if round_ <= len(modifiers) else str(round_ // len(modifiers) + 1)
+        out.append(vary(replace(base, word=f"{modifier}{suffix}{base.word}"), round_))
+    return out
 
 
 def hsv(h: float, s: float, v: float) -> tuple[int, int, int]:
