@@ -46,6 +46,7 @@ from sicot.data.worldgen import (
     maybe_misspell,
     mix,
     noise_word_count,
+    product_lines,
     render_catalog,
     seller_variant,
     write_world,
@@ -186,13 +187,8 @@ def _style_number(rng: np.random.Generator) -> str:
 def make_skus(total: int, brands: list[Brand], garments: list[Garment], rng: np.random.Generator,
               variants_per_line: int = 3) -> list[Sku]:
     """`total` SKUs grouped into product lines (a brand x garment pair) of a few variants each."""
-    pairs = len(brands) * len(garments)
-    n_lines = min(pairs, max(1, math.ceil(total / variants_per_line)))
-    lines = rng.choice(pairs, size=n_lines, replace=False)
-    sizes = [total // n_lines + (i < total % n_lines) for i in range(n_lines)]
     skus = []
-    for pair, n_variants in zip(lines.tolist(), sizes):
-        brand, category = divmod(pair, len(garments))
+    for brand, category, n_variants in product_lines(total, len(brands), len(garments), rng, variants_per_line):
         n_sizes = len(SIZES[garments[category].sizes])
         n_combos = len(COLOURS) * len(TEXTURES) * n_sizes
         if n_variants > n_combos:

@@ -14,7 +14,6 @@ shared with the other worlds (sicot.data.worldgen).
 """
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass, replace
 from pathlib import Path
 
@@ -36,6 +35,7 @@ from sicot.data.worldgen import (
     maybe_misspell,
     mix,
     noise_word_count,
+    product_lines,
     render_catalog,
     seller_variant,
     write_world,
@@ -199,13 +199,8 @@ def _model_token(rng: np.random.Generator) -> str:
 def make_skus(total: int, brands: list[Brand], categories: list[CategoryKind], rng: np.random.Generator,
               variants_per_line: int = 3) -> list[Sku]:
     """`total` SKUs grouped into product lines (a brand x category pair) of a few variants each."""
-    pairs = len(brands) * len(categories)
-    n_lines = min(pairs, max(1, math.ceil(total / variants_per_line)))
-    lines = rng.choice(pairs, size=n_lines, replace=False)
-    sizes = [total // n_lines + (i < total % n_lines) for i in range(n_lines)]
     skus = []
-    for pair, n_variants in zip(lines.tolist(), sizes):
-        brand, category = divmod(pair, len(categories))
+    for brand, category, n_variants in product_lines(total, len(brands), len(categories), rng, variants_per_line):
         kind = categories[category]
         n_attr, n_size = len(ATTRIBUTES[kind.attribute]), len(SIZES[kind.unit])
         if n_variants > n_attr * n_size:

@@ -89,6 +89,17 @@ def extend_kinds(bases: Sequence, modifiers: Sequence[str], n: int, vary: Callab
     return out
 
 
+def product_lines(total: int, n_brands: int, n_kinds: int, rng: np.random.Generator, variants_per_line: int = 3):
+    """(brand, kind, variants) of each product line, a brand x kind pair, so `total` SKUs come in lines of a
+    few variants each; the lines are drawn before the caller draws its variants."""
+    pairs = n_brands * n_kinds
+    n_lines = min(pairs, max(1, math.ceil(total / variants_per_line)))
+    lines = rng.choice(pairs, size=n_lines, replace=False)
+    sizes = [total // n_lines + (i < total % n_lines) for i in range(n_lines)]
+    for pair, n_variants in zip(lines.tolist(), sizes):
+        yield *divmod(pair, n_kinds), n_variants
+
+
 def hsv(h: float, s: float, v: float) -> tuple[int, int, int]:
     r, g, b = colorsys.hsv_to_rgb(h % 1.0, s, v)
     return int(r * 255), int(g * 255), int(b * 255)
