@@ -95,7 +95,7 @@ def test_fresh_bilinear_encoder_attends_about_uniformly():
     from sicot.model.text_encoders import create_text_encoder
 
     torch.manual_seed(0)
-    table = np.random.default_rng(0).normal(size=(6, 16)).astype(np.float32)
+    table = np.random.default_rng(0).normal(scale=0.25, size=(6, 16)).astype(np.float32)  # word2vec's scale
     table[0] = 0
     encoder = create_text_encoder("bilinear", table, 8).eval()
     found = measure_noise_attention(encoder, VOCAB, 8, TITLES, ["包邮", "折扣"])
@@ -136,3 +136,34 @@ def test_attention_view_marks_noise_words_and_states_the_ratio():
     ratio = page.index("Noise ratio 0.40")
     assert ratio < page.index("<table>") and "20.0% of the attention" in page and "7 test titles" in page
     assert "no test title holds both" in attention_html([("SKU1", "精华液", weights(("精华液", 1.0)))], NOISE, None)
+
+
+def test_training_pushes_noise_words_down():
+    """Titles = the class's one product word among three noise words drawn at random: the encoder trained
+    to name the class moves its attention onto the product word (uniform would put 0.75 on noise)."""
+    from sicot.model.text_encoders import create_text_encoder
+
+    torch.manual_seed(0)
+    classes, noise, length = 8, 6, 4
+    table = np.random.default_rng(0).normal(scale=0.5, size=(1 + classes + noise, 16)).astype(np.float32)
+    table[0] = 0
+    encoder, head = create_text_encoder("bilinear", table, 16), torch.nn.Linear(16, classes)
+    optimizer = torch.optim.SGD([*encoder.parameters(), *head.parameters()], lr=0.1, momentum=0.9)
+
+    def titles(n):
+        labels = torch.randint(0, classes, (n,))
+        tokens = torch.randint(1 + classes, 1 + classes + noise, (n, length))
+        tokens[torch.arange(n), torch.randint(0, length, (n,))] = 1 + labels
+        return tokens, labels
+
+    for _ in range(150):
+        tokens, labels = titles(32)
+        loss = torch.nn.functional.cross_entropy(head(encoder(tokens, tokens > 0)[0]), labels)
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+    tokens, _ = titles(256)
+    with torch.no_grad():
+        attention = encoder.eval()(tokens, tokens > 0)[1]
+    noise_mass = (attention * (tokens > classes)).sum(1).mean().item()
+    assert noise_mass / 0.75 < 0.3
