@@ -158,6 +158,9 @@ class Train:
     tf32: bool = opt(True, help="TF32 tensor cores for float32 matmuls and convolutions on a CUDA GPU "
                                 "(ignored on the CPU)")
     workers: int = opt(0, ge=0, runtime=True, help="DataLoader worker processes; 0 = load in the training process")
+    cache_mb: int = opt(256, ge=0, runtime=True, help="MiB of decoded training and validation images kept in memory "
+                                                      "at their stored size (shared out over the workers); the "
+                                                      "others are decoded every epoch")
     threads: int = opt(0, ge=0, runtime=True, help="CPU threads per training process, 0 = all "
                                                "(1 lets two trainings share 2 cores)")
     nproc: int = opt(1, ge=1, runtime=True, help="training processes (GPUs) per node; > 1 launches torchrun "

@@ -177,10 +177,15 @@ def load_data(params: Params) -> TrainingData:
     if vocab is not None and params.train.title_anchors:
         class_words = class_word_weights((index[r.sku] for r in manifest.train),
                                          (encode(r.title) for r in manifest.train), len(classes), len(vocab))
+    # One memory budget for the decoded images, shared by the splits in proportion to their images.
+    budget = params.train.cache_mb * 2 ** 20
+    train_share = budget * len(manifest.train) // (len(manifest.train) + len(manifest.val))
     return TrainingData(
         classes=classes,
-        train=ProductDataset(prepared, manifest.train, index, image_size, encode_title=encode, augment=True),
-        val=ProductDataset(prepared, manifest.val, index, image_size, encode_title=encode),
+        train=ProductDataset(prepared, manifest.train, index, image_size, encode_title=encode, augment=True,
+                             cache_bytes=train_share),
+        val=ProductDataset(prepared, manifest.val, index, image_size, encode_title=encode,
+                           cache_bytes=budget - train_share),
         train_counts=[counts[sku] for sku in classes], vocab=vocab, class_words=class_words)
 
 
@@ -466,17 +471,19 @@ def make_optimizer(params: Params, model: SICoT, fused: bool):
 
 
 def make_loaders(params: Params, data: TrainingData, process: TrainingProcess):
-    from sicot.data.dataset import collate
+    from sicot.data.dataset import SeededSampler, collate
 
     batch_size, workers = params.train.batch_size, params.train.workers
-    sampler = DistributedSampler(data.train, num_replicas=process.world_size, rank=process.rank, shuffle=True,
-                                 seed=params.train.seed)
+    sampler = SeededSampler(data.train, num_replicas=process.world_size, rank=process.rank, shuffle=True,
+                            seed=params.train.seed)
+    # Workers load the next batches (DataLoader's prefetch: 2 each) while a step runs, and live for the
+    # whole run with their caches.
+    loading = dict(num_workers=workers, collate_fn=collate, persistent_workers=workers > 0,
+                   pin_memory=process.device.type == "cuda")
     # BatchNorm cannot train on a last batch of one image: drop the ragged end when there is a full batch.
-    loader = DataLoader(data.train, batch_size=batch_size, sampler=sampler, num_workers=workers,
-                        collate_fn=collate, drop_last=len(sampler) >= batch_size,
-                        pin_memory=process.device.type == "cuda")
-    val_loader = DataLoader(data.val, batch_size=params.evaluate.batch_size, shuffle=False,
-                            num_workers=workers, collate_fn=collate)
+    loader = DataLoader(data.train, batch_size=batch_size, sampler=sampler, drop_last=len(sampler) >= batch_size,
+                        **loading)
+    val_loader = DataLoader(data.val, batch_size=params.evaluate.batch_size, shuffle=False, **loading)
     return sampler, loader, val_loader
 
 

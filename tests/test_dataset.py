@@ -2,6 +2,7 @@
 import io
 import struct
 import zlib
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
@@ -9,9 +10,9 @@ import torch
 from PIL import Image, ImageFile
 
 from sicot.data import images
-from sicot.data.dataset import ProductDataset, collate
-from sicot.data.images import IMAGENET_MEAN, IMAGENET_STD, ImageError, decode_image, to_tensor
-from sicot.data.manifest import load_manifest
+from sicot.data.dataset import ProductDataset, SeededSampler, collate
+from sicot.data.images import IMAGENET_MEAN, IMAGENET_STD, ImageError, decode_image, normalize, to_tensor
+from sicot.data.manifest import Record, load_manifest
 from tests.test_manifest import make_dataset
 
 
@@ -128,6 +129,91 @@ def test_to_tensor_resizes_and_normalises():
     assert torch.allclose(x[:, 0, 0], torch.tensor(expected))
 
 
+# --- decoding to tensors (torchvision, Pillow where torchvision cannot) -------------------------------
+
+def photo(width: int = 40, height: int = 30) -> Image.Image:
+    """Smooth colours with detail: what a JPEG encoder and a resize are exercised by."""
+    rng = np.random.default_rng(3)
+    coarse = Image.fromarray(rng.integers(0, 256, (4, 5, 3), dtype=np.uint8)).resize((width, height), Image.BICUBIC)
+    return Image.fromarray(np.clip(np.asarray(coarse) + rng.normal(0, 6, (height, width, 3)), 0, 255).astype(np.uint8))
+
+
+def pil_pixels(data: bytes) -> torch.Tensor:
+    return torch.from_numpy(np.array(decode_image(data))).permute(2, 0, 1)
+
+
+@pytest.fixture
+def pillow_decodes(monkeypatch):
+    """The list of images that took the Pillow path."""
+    taken, real = [], images.decode_opened
+    monkeypatch.setattr(images, "decode_opened", lambda img: taken.append(img.mode) or real(img))
+    return taken
+
+
+@pytest.mark.parametrize("data", [
+    encode(photo(), "JPEG", quality=90),
+    encode(photo(), "JPEG", quality=75, subsampling=2),
+    encode(photo().convert("L"), "JPEG"),
+    encode(photo()),
+    encode(photo().convert("L")),
+], ids=["jpeg-444", "jpeg-420", "jpeg-gray", "png", "png-gray"])
+def test_torchvision_decodes_jpeg_and_png_to_pillows_pixels(data, pillow_decodes):
+    # Equal, not merely close: PNG is lossless, and both libraries decode JPEG with libjpeg-turbo at its
+    # defaults (integer IDCT, fancy upsampling), which are exact integer arithmetic.
+    pixels = images.decode_pixels(data)
+    assert pillow_decodes == []
+    assert pixels.dtype == torch.uint8 and torch.equal(pixels, pil_pixels(data))
+
+
+def test_exif_rotation_is_applied_by_torchvision_as_by_pillow(pillow_decodes):
+    exif = Image.Exif()
+    exif[0x0112] = 6  # rotate 90 degrees when shown
+    data = encode(photo(6 * 8, 3 * 8), "JPEG", exif=exif)
+    pixels = images.decode_pixels(data)
+    assert pillow_decodes == [] and pixels.shape == (3, 48, 24) and torch.equal(pixels, pil_pixels(data))
+
+
+def _palette_with_transparency() -> bytes:
+    pal = Image.new("P", (4, 4), 1)
+    pal.putpalette([0, 0, 0, 10, 200, 30] + [0] * 762)
+    return encode(pal, transparency=1)
+
+
+@pytest.mark.parametrize("data, mode", [
+    (encode(Image.new("CMYK", (8, 8), (0, 255, 255, 0)), "JPEG"), "CMYK"),
+    (encode(Image.fromarray(np.array([[0, 257, 32896, 65535]], dtype=np.uint16))), "I;16"),
+    (encode(Image.new("RGBA", (4, 4), (255, 0, 0, 0))), "RGBA"),
+    (_palette_with_transparency(), "P"),
+    (encode(photo(), "TIFF"), "RGB"),
+], ids=["cmyk-jpeg", "16bit-png", "rgba-png", "palette-png", "tiff"])
+def test_other_modes_take_pillows_path(data, mode, pillow_decodes):
+    pixels = images.decode_pixels(data)
+    assert pillow_decodes == [mode]
+    assert torch.equal(pixels, pil_pixels(data))
+
+
+def test_a_16bit_rgb_png_is_scaled_like_pillows():
+    rgb16 = struct.pack(">3H", 0, 32896, 65535) * 4
+    header = struct.pack(">IIBBBBB", 2, 2, 16, 2, 0, 0, 0)  # 2x2, 16-bit RGB
+
+    def chunk(kind: bytes, body: bytes) -> bytes:
+        return struct.pack(">I", len(body)) + kind + body + struct.pack(">I", zlib.crc32(kind + body))
+
+    raw = b"".join(b"\x00" + rgb16[row * 12:(row + 1) * 12] for row in range(2))
+    data = b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IDAT", zlib.compress(raw)) + chunk(b"IEND", b"")
+    pixels = images.decode_pixels(data)  # torchvision returns uint16 here: Pillow's path decides
+    assert pixels.dtype == torch.uint8 and torch.equal(pixels, pil_pixels(data))
+
+
+@pytest.mark.parametrize("fmt", ["PNG", "JPEG"])
+def test_a_damaged_file_gets_pillows_reason(fmt):
+    data = encode(photo(48, 48), fmt)
+    with pytest.raises(ImageError, match="truncated"):
+        images.decode_pixels(data[: len(data) * 2 // 3])
+    with pytest.raises(ImageError, match="over the limit"):
+        images.decode_pixels(data, max_pixels=100)
+
+
 # --- the Dataset ----------------------------------------------------------------------------------
 
 @pytest.fixture
@@ -143,21 +229,33 @@ def encode_title(title: str) -> list[int]:
     return [len(word) for word in title.split()][:5]
 
 
-def test_items_have_image_label_tokens(manifest):
+def test_items_have_pixels_label_tokens(manifest):
     ds = ProductDataset(manifest.root, manifest.train, index_of(manifest), 16, encode_title=encode_title)
     assert len(ds) == 9
     item = ds[3]
-    assert item["image"].shape == (3, 16, 16) and item["image"].dtype == torch.float32
+    assert item["pixels"].shape == (3, 16, 16) and item["pixels"].dtype == torch.uint8
     assert item["label"] == 0 and item["tokens"].dtype == torch.long and len(item["tokens"]) == 5
     assert ds[1]["tokens"].shape == (0,)  # empty title
     assert ProductDataset(manifest.root, manifest.train, index_of(manifest), 16)[3]["tokens"].shape == (0,)
     assert [ds[i]["label"] for i in range(len(ds))] == [0] * 4 + [1] * 3 + [2] * 2
 
 
-def test_collate_pads_tokens_with_zero(manifest):
+def test_pixels_are_resized_as_serving_resizes_them(tmp_path):
+    (tmp_path / "a.jpg").write_bytes(encode(photo(40, 30), "JPEG"))
+    record = Record(image="a.jpg", sku="A", title="", tags=())
+    for size in (16, 24, 64):
+        pixels = ProductDataset(str(tmp_path), [record], {"A": 0}, size)[0]["pixels"]
+        served = torch.from_numpy(images.to_uint8(decode_image((tmp_path / "a.jpg").read_bytes()), size).copy())
+        # torch's uint8 antialiased bilinear kernel is Pillow's algorithm; they round differently in the
+        # last bit, so a pixel may differ by one level.
+        assert (pixels.int() - served.permute(2, 0, 1).int()).abs().max() <= 1
+
+
+def test_collate_normalises_and_pads_tokens_with_zero(manifest):
     ds = ProductDataset(manifest.root, manifest.train, index_of(manifest), 16, encode_title=encode_title)
     batch = collate([ds[1], ds[3], ds[4]])
-    assert batch["image"].shape == (3, 3, 16, 16)
+    assert batch["image"].shape == (3, 3, 16, 16) and batch["image"].is_contiguous()
+    assert torch.equal(batch["image"][1], normalize(ds[3]["pixels"]))
     assert batch["label"].tolist() == [0, 0, 1]
     assert batch["tokens"].shape == (3, 5) and batch["tokens"][0].tolist() == [0] * 5
     plain = ProductDataset(manifest.root, manifest.train, index_of(manifest), 16)
@@ -168,33 +266,89 @@ def test_images_are_decoded_once_when_cached(manifest, monkeypatch):
     from sicot.data import dataset as module
 
     calls = []
-    real = module.decode_image
-    monkeypatch.setattr(module, "decode_image", lambda data: calls.append(1) or real(data))
-    ds = ProductDataset(manifest.root, manifest.train, index_of(manifest), 16)
-    first = ds[0]["image"]
-    assert torch.equal(ds[0]["image"], first) and len(calls) == 1
-    uncached = ProductDataset(manifest.root, manifest.train, index_of(manifest), 16, cache=False)
+    real = module.decode_pixels
+    monkeypatch.setattr(module, "decode_pixels", lambda data: calls.append(1) or real(data))
+    ds = ProductDataset(manifest.root, manifest.train, index_of(manifest), 16, cache_bytes=2 ** 20)
+    first = ds[0]["pixels"]
+    assert torch.equal(ds[0]["pixels"], first) and len(calls) == 1
+    uncached = ProductDataset(manifest.root, manifest.train, index_of(manifest), 16)  # evaluation's default
     uncached[0], uncached[0]
-    assert len(calls) == 3
+    assert len(calls) == 3 and uncached.cache == {}
 
 
-def test_augmentation_is_reproducible_under_a_seed(manifest):
-    ds = ProductDataset(manifest.root, manifest.train, index_of(manifest), 16, augment=True)
-    # a gradient image, so crops and flips change pixels
-    ramp = torch.arange(16 * 16, dtype=torch.float32).view(1, 16, 16).expand(3, 16, 16)
-    ds.cache[0] = ramp.clamp(0, 255).to(torch.uint8)
-    torch.manual_seed(5)
-    a = [ds[0]["image"] for _ in range(4)]
-    torch.manual_seed(5)
-    b = [ds[0]["image"] for _ in range(4)]
-    assert all(torch.equal(x, y) for x, y in zip(a, b))
+def test_a_small_cache_budget_keeps_only_what_fits(manifest, monkeypatch):
+    from sicot.data import dataset as module
+
+    one_image = 3 * 8 * 8  # the test images are 8x8
+    ds = ProductDataset(manifest.root, manifest.train, index_of(manifest), 16, augment=True,
+                        cache_bytes=2 * one_image + one_image // 2)
+    uncached = ProductDataset(manifest.root, manifest.train, index_of(manifest), 16, augment=True)
+    for _ in range(2):
+        for i in range(len(ds)):
+            assert torch.equal(ds[i, 7 + i]["pixels"], uncached[i, 7 + i]["pixels"])  # cached or not, the same
+    assert sorted(ds.cache) == [0, 1] and ds.cached_bytes == 2 * one_image
+    # Each DataLoader worker holds its own share of the budget.
+    monkeypatch.setattr(module, "get_worker_info", lambda: SimpleNamespace(num_workers=2))
+    shared = ProductDataset(manifest.root, manifest.train, index_of(manifest), 16, cache_bytes=2 * one_image)
+    [shared[i] for i in range(len(shared))]
+    assert sorted(shared.cache) == [0]
+
+
+def ramp_dataset(manifest, **kw) -> ProductDataset:
+    """The dataset with image 0 replaced by a gradient (cached), so crops and flips change pixels."""
+    ds = ProductDataset(manifest.root, manifest.train, index_of(manifest), 16, augment=True, **kw)
+    ramp = torch.arange(24).view(24, 1) + 10 * torch.arange(24).view(1, 24)  # 0..253
+    ds.cache[0] = ramp.to(torch.uint8).expand(3, 24, 24)
+    return ds
+
+
+def test_augmentation_is_decided_by_the_seed(manifest):
+    ds = ramp_dataset(manifest)
+    a = [ds[0, seed]["pixels"] for seed in range(4)]
+    assert all(torch.equal(x, ds[0, seed]["pixels"]) for seed, x in enumerate(a))
     assert not all(torch.equal(a[0], x) for x in a[1:])
-    assert a[0].shape == (3, 16, 16)
-    own = ProductDataset(manifest.root, manifest.train, index_of(manifest), 16, augment=True,
-                         generator=torch.Generator().manual_seed(3))
-    own.cache[0] = ds.cache[0]
+    assert a[0].shape == (3, 16, 16) and a[0].dtype == torch.uint8
+    torch.manual_seed(5)  # an index alone draws from torch's global generator
+    b = [ds[0]["pixels"] for _ in range(4)]
     torch.manual_seed(5)
-    assert not all(torch.equal(own[0]["image"], x) for x in a)
+    assert all(torch.equal(x, ds[0]["pixels"]) for x in b)
+    plain = ProductDataset(manifest.root, manifest.train, index_of(manifest), 16)
+    plain.cache[0] = ds.cache[0]
+    assert torch.equal(plain[0]["pixels"], plain[0, 1]["pixels"])  # no augmentation: the seed is unused
+
+
+def test_seeded_sampler_pairs_each_index_with_a_seed_of_the_epoch():
+    data = range(6)
+
+    def epoch(epoch: int, seed: int = 0, **kw) -> list[tuple[int, int]]:
+        sampler = SeededSampler(data, num_replicas=kw.get("ranks", 1), rank=kw.get("rank", 0), seed=seed)
+        sampler.set_epoch(epoch)
+        return list(sampler)
+
+    first = epoch(0)
+    assert sorted(i for i, _ in first) == list(range(6)) and epoch(0) == first
+    assert dict(epoch(1)) != dict(first) and dict(epoch(0, seed=1)) != dict(first)
+    # An image's seed does not depend on which rank loads it.
+    assert dict(epoch(0, ranks=2, rank=0)) | dict(epoch(0, ranks=2, rank=1)) == dict(first)
+
+
+def test_worker_processes_load_the_same_batches(manifest):
+    ds = ramp_dataset(manifest, encode_title=encode_title, cache_bytes=2 ** 20)
+
+    def epochs(workers: int) -> list[dict]:
+        sampler = SeededSampler(ds, num_replicas=1, rank=0, seed=3)
+        loader = torch.utils.data.DataLoader(ds, batch_size=4, sampler=sampler, collate_fn=collate,
+                                             num_workers=workers, persistent_workers=workers > 0)
+        batches = []
+        for epoch in range(2):
+            sampler.set_epoch(epoch)
+            batches += list(loader)
+        return batches
+
+    alone, with_workers = epochs(0), epochs(2)
+    assert sum(len(b["label"]) for b in alone) == 18 and alone[0]["tokens"].shape[1] >= 1
+    assert all(torch.equal(a[key], b[key]) for a, b in zip(alone, with_workers, strict=True) for key in a)
+    assert not torch.equal(alone[0]["image"], alone[3]["image"])  # the second epoch's crops and order differ
 
 
 def test_unknown_sku_and_broken_image_are_named(manifest, tmp_path):
@@ -204,10 +358,9 @@ def test_unknown_sku_and_broken_image_are_named(manifest, tmp_path):
     ds = ProductDataset(manifest.root, manifest.train, index_of(manifest), 16)
     with pytest.raises(ImageError, match="train_SKU-A_0.png: not a recognised image format"):
         ds[0]
-
-
-def test_works_in_a_dataloader(manifest):
-    ds = ProductDataset(manifest.root, manifest.train, index_of(manifest), 16, encode_title=encode_title, augment=True)
-    loader = torch.utils.data.DataLoader(ds, batch_size=4, shuffle=True, collate_fn=collate)
-    batches = list(loader)
-    assert sum(len(b["label"]) for b in batches) == 9 and batches[0]["tokens"].shape[1] >= 1
+    jpeg = tmp_path / "ds" / manifest.train[1].image
+    assert jpeg.suffix == ".jpg"
+    whole = encode(photo(48, 48), "JPEG")
+    jpeg.write_bytes(whole[: len(whole) * 2 // 3])
+    with pytest.raises(ImageError, match="train_SKU-A_1.jpg: image file is truncated"):
+        ds[1]

@@ -113,11 +113,49 @@ def decode_image(data: bytes, *, max_pixels: int | None = None) -> Image.Image:
     `max_pixels` is checked against the size in the header before any pixel is decoded, so a small
     file that expands to gigabytes (a decompression bomb) is refused cheaply.
     """
+    return decode_opened(_open_within(data, max_pixels))
+
+
+def _open_within(data: bytes, max_pixels: int | None) -> Image.Image:
     img = open_image(data)
     width, height = img.size
     if max_pixels is not None and width * height > max_pixels:
         raise ImageError(f"image is {width}x{height} = {width * height} pixels, over the limit of {max_pixels}")
-    return decode_opened(img)
+    return img
+
+
+def decode_pixels(data: bytes, *, max_pixels: int | None = None):
+    """`decode_image` as a uint8 tensor [3, H, W] (channels-last in memory, the layout torch's uint8
+    resize kernels are fastest on).
+
+    JPEG and 8-bit PNG in RGB or gray without transparency (what product photos are) go straight from
+    torchvision's libjpeg-turbo / libpng decoders into the tensor, pixel-identical to Pillow's. Every other
+    mode (CMYK, palette, 16-bit, alpha...) and every file torchvision refuses (truncated, damaged) take
+    `decode_image`, so the result and the error's reason stay the same.
+    """
+    import torch
+
+    img = _open_within(data, max_pixels)
+    if img.format in ("JPEG", "PNG") and img.mode in ("RGB", "L") and "transparency" not in img.info:
+        pixels = _torchvision_decode(data, img.format)
+        if pixels is not None:
+            return pixels
+    return torch.from_numpy(np.array(decode_opened(img))).permute(2, 0, 1)
+
+
+def _torchvision_decode(data: bytes, fmt: str):
+    """uint8 [3, H, W] from torchvision's decoder of `fmt`, or None when it refuses the file (Pillow then
+    decodes it or says why it cannot) or returns more than 8 bits (a 16-bit RGB PNG)."""
+    import torch
+    from torchvision.io import ImageReadMode, decode_jpeg, decode_png
+
+    decode = decode_jpeg if fmt == "JPEG" else decode_png
+    try:
+        pixels = decode(torch.frombuffer(bytearray(data), dtype=torch.uint8), mode=ImageReadMode.RGB,
+                        apply_exif_orientation=True)
+    except RuntimeError:
+        return None
+    return pixels if pixels.dtype == torch.uint8 else None
 
 
 def decode_opened(img: Image.Image, min_size: int | None = None) -> Image.Image:
