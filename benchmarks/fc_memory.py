@@ -15,6 +15,12 @@ statistics to ask instead. tracemalloc does not see torch's allocations at all.
     python benchmarks/fc_memory.py                      # the default grid (under 10 min on 2 cores)
     python benchmarks/fc_memory.py --classes 1000000 --dims 512 --worlds 1 --chunk-rows 32
     python benchmarks/fc_memory.py --model              # the memory model table for docs/benchmarks.md
+    python benchmarks/fc_memory.py --scoring --classes 1000000 --dims 512 --limit-mb 256
+
+`--scoring` measures inference instead: exact softmax top-k of a batch of features against a W stored
+as two shard files (a 2-rank export), in a fresh process per path: W loaded whole (`full`, today's
+one-matrix path) or read a block at a time under `max_classifier_mb` (`blocks`, sicot.model.block_topk).
+The peak counts what the path adds to the process, W's mapped file pages included.
 """
 from __future__ import annotations
 
@@ -168,6 +174,65 @@ def _table(rows):
     return "\n".join(lines)
 
 
+# -- scoring (inference) ----------------------------------------------------------------------------
+
+def _write_shards(classes, dim, directory):
+    """W [classes, dim] as the two shard files of a 2-rank export; returns their RowFiles."""
+    import torch
+
+    from sicot.model.classifier_rows import RowFile, save_shard
+    from sicot.parallel import shard_range
+
+    files = []
+    for rank in range(2):
+        lo, hi = shard_range(classes, 2, rank)
+        rows = torch.randn(hi - lo, dim, generator=torch.Generator().manual_seed(rank))
+        entry = save_shard(str(Path(directory, "model.pt")), rows, lo, rank, 2, "bench")
+        files.append(RowFile(str(Path(directory, entry["file"])), lo, hi))
+    return files
+
+
+def _score(_, path, cfg, files, out):
+    import torch
+
+    from sicot.model.block_topk import block_rows, blockwise_topk
+    from sicot.model.classifier_rows import ClassifierRows
+
+    torch.set_num_threads(os.cpu_count() or 1)
+    features = torch.randn(cfg["batch"], cfg["dim"], generator=torch.Generator().manual_seed(7))
+    stored = ClassifierRows(files, cfg["dim"])
+    base = _status_kib("VmRSS")
+    _hwm_reset()
+    t0 = time.perf_counter()
+    if path == "full":
+        weight = stored.load()
+        probs, idx = torch.softmax(features @ weight.T, dim=-1).topk(cfg["k"], dim=-1)
+    else:
+        rows = block_rows(int(cfg["limit_mb"] * 2**20), cfg["dim"], cfg["batch"])
+        probs, idx = blockwise_topk(features, stored.blocks(rows), cfg["k"], stored.num_classes)
+    result = {"path": path, "peak_gib": (_status_kib("VmHWM") - base) * 1024 / GIB,
+              "seconds": time.perf_counter() - t0, "top1": idx[:, 0].tolist(), "p1": probs[:, 0].tolist()}
+    Path(out, f"{path}.json").write_text(json.dumps(result))
+
+
+def scoring(classes, dim, batch, k, limit_mb):
+    """Both scoring paths on the same stored W; their peaks, times and whether their answers agree."""
+    import torch.multiprocessing as mp
+
+    cfg = {"classes": classes, "dim": dim, "batch": batch, "k": k, "limit_mb": limit_mb}
+    with tempfile.TemporaryDirectory() as directory:
+        files = _write_shards(classes, dim, directory)
+        for path in ("full", "blocks"):
+            mp.start_processes(_score, args=(path, cfg, files, directory), nprocs=1, start_method="spawn")
+        full, blocks = (json.loads(Path(directory, f"{p}.json").read_text()) for p in ("full", "blocks"))
+    gap = max(abs(a - b) for a, b in zip(full["p1"], blocks["p1"]))
+    rows = [f"| {r['path']} | {classes:,} | {dim} | {batch} | {limit_mb if r['path'] == 'blocks' else '-'} | "
+            f"{4 * classes * dim / GIB:.2f} | {r['peak_gib']:.2f} | {r['seconds']:.2f} |" for r in (full, blocks)]
+    head = ["| path | C | d | batch | max_classifier_mb | W GiB | peak added GiB | seconds |", "|---" * 8 + "|"]
+    return "\n".join(head + rows) + (f"\n\nsame top-1 classes: {full['top1'] == blocks['top1']}; largest top-1 "
+                                      f"probability difference: {gap:.1e} (float32 matmuls of other shapes)")
+
+
 # -- memory model table ------------------------------------------------------------------------------
 
 def _min_ranks(classes, dim, capacity, per_rank_batch, chunk_rows, logit_bytes):
@@ -213,9 +278,15 @@ def main(argv=None):
     p.add_argument("--budget-gib", type=float, default=24.0, help="skip configurations needing more (all ranks)")
     p.add_argument("--out", default=".bench/fc_memory.jsonl", help="results, one JSON object per line")
     p.add_argument("--model", action="store_true", help="print the memory model table and exit")
+    p.add_argument("--scoring", action="store_true", help="measure top-k scoring (inference), W whole vs in blocks")
+    p.add_argument("--limit-mb", type=float, default=256.0, help="--scoring: max_classifier_mb of the block path")
+    p.add_argument("--k", type=int, default=3, help="--scoring: classes returned per row")
     args = p.parse_args(argv)
     if args.model:
         print(model_table())
+        return
+    if args.scoring:
+        print(scoring(args.classes[0], args.dims[0], args.batch, args.k, args.limit_mb))
         return
     rows = []
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)

@@ -185,6 +185,8 @@ class Evaluate:
     head_threshold: int = opt(20, ge=1, help="head classes have at least this many training images, tail "
                                              "classes fewer")
     batch_size: int = opt(256, ge=1, runtime=True, help="images per inference batch (evaluation and validation)")
+    max_classifier_mb: float = opt(4096.0, gt=0.0, runtime=True, help="MiB of the classifier W a scoring process "
+                                   "holds at once; a larger W is scored from its files block by block (same top-k)")
     attention_samples: int = opt(20, ge=0, help="test titles shown in SICoT's word-attention view "
                                                 "(attention.html)")
 
@@ -228,6 +230,8 @@ class Serve:
     max_decodes: int = opt(2, ge=1, help="images decoded at once per worker: bounds a worker's decode memory")
     max_batch: int = opt(32, ge=1, help="images of concurrent requests run through the model in one forward pass "
                                         "per worker: bounds a worker's forward-pass memory")
+    max_classifier_mb: float = opt(4096.0, gt=0.0, help="MiB of the classifier W a worker holds at once; a larger W "
+                                                        "is scored from its files block by block (same answers)")
     max_wait_ms: float = opt(2.0, ge=0.0, help="milliseconds an idle worker waits for more requests to join a "
                                                "batch before running it; 0 = run what is waiting at once")
     formats: str = opt("JPEG,PNG,WEBP", help="comma-separated image formats accepted from the network; others "

@@ -152,12 +152,13 @@ def csv_text(rows: list[dict]) -> str:
 # --- the step -----------------------------------------------------------------------------------------
 
 def score(model_uri: str, params: Params, manifest, device: torch.device):
-    """(recognizer, top-3 class indices [N, 3], labels [N], training images per class) on the test split."""
+    """(recognizer, top-3 class indices [N, 3], labels [N], training images per class) on the test split.
+    A classifier over `evaluate.max_classifier_mb` is scored block by block from its files."""
     from sicot.data.dataset import ProductDataset
     from sicot.data.longtail import class_counts
     from sicot.model.recognizer import Recognizer
 
-    recognizer = Recognizer.load(model_uri)
+    recognizer = Recognizer.load(model_uri, max_classifier_mb=params.evaluate.max_classifier_mb)
     index = {sku: i for i, sku in enumerate(recognizer.classes)}
     unknown = sorted({r.sku for r in manifest.test} - index.keys())
     if unknown:

@@ -125,10 +125,12 @@ class Recognition:
     def __init__(self, model_path: str, index_root: str | None, top_k: int = 3, min_score: float = 0.2,
                  max_images: int = 64, max_pixels: int = 16_000_000, min_similarity: float = 0.5,
                  max_request_pixels: int = 64_000_000, max_decodes: int = 2, max_batch: int = 32,
-                 max_wait_ms: float = 2.0, formats: str = "JPEG,PNG,WEBP", index_refresh_s: float = 30.0):
+                 max_wait_ms: float = 2.0, formats: str = "JPEG,PNG,WEBP", index_refresh_s: float = 30.0,
+                 max_classifier_mb: float = 4096.0):
         from sicot.model.recognizer import Recognizer
 
-        self.model = Recognizer.load(model_path)  # its topk/embed run without autograd
+        # topk/embed run without autograd; a W over the limit is scored from its files block by block
+        self.model = Recognizer.load(model_path, max_classifier_mb=max_classifier_mb)
         self.top_k, self.min_score, self.min_similarity = top_k, min_score, min_similarity
         self.max_images, self.max_pixels, self.max_request_pixels = max_images, max_pixels, max_request_pixels
         self.formats = accepted_formats(formats)
@@ -374,7 +376,8 @@ except ImportError:  # mlflow is a dependency; this keeps `Recognition` importab
 
 
 class RecognitionService(PythonModel):
-    """The pyfunc: artifacts {"model": model.pt}, model_config holds the `serve.*` limits. Logged from code
+    """The pyfunc: artifacts {"model": model.pt} and a sharded model's classifier files beside it (each under
+    its file name), model_config holds the `serve.*` limits. Logged from code
     (`served_model.py` creates it), never pickled."""
 
     def load_context(self, context):
@@ -409,6 +412,7 @@ def log_service(model_path: str, params, name: str = "sicot", registered_model_n
     from PIL import Image
 
     from sicot import storage
+    from sicot.model.recognizer import classifier_files
 
     example = io.BytesIO()
     Image.new("RGB", (32, 32), (200, 30, 30)).save(example, format="PNG")
@@ -416,7 +420,7 @@ def log_service(model_path: str, params, name: str = "sicot", registered_model_n
     return mlflow.pyfunc.log_model(
         name=name,
         python_model=str(STUB),  # models from code: the stub is copied, nothing is pickled
-        artifacts={"model": model_path},
+        artifacts={"model": model_path, **{uri.rsplit("/", 1)[-1]: uri for uri in classifier_files(model_path)}},
         model_config={"index_root": index_root, **dataclasses.asdict(params.serve)},
         signature=ModelSignature(inputs=Schema([ColSpec("binary", "image")])),
         input_example=pd.DataFrame({"image": [example.getvalue()]}),

@@ -47,7 +47,7 @@ from sicot import storage, torchfile, tracking
 from sicot.config import Params
 from sicot.model.backbone import create_backbone
 from sicot.model.classifier import ReplicatedClassifier
-from sicot.model.recognizer import Recognizer
+from sicot.model.recognizer import Recognizer, save_sharded
 from sicot.model.sicot import CoTraining, SICoT
 from sicot.model.starting_point import StartingPoint, load_starting_point
 from sicot.model.text_encoders import create_text_encoder, save_text_encoder
@@ -509,20 +509,28 @@ def log_prior_of(data: TrainingData, params: Params, device: torch.device) -> to
 
 
 def write_outputs(training: TrainingSetup, data: TrainingData, history: list, out_dir: str) -> dict:
-    """model.pt (Recognizer), text_encoder.pt (SICoT) and history.json; collective, rank 0 writes."""
+    """model.pt (Recognizer), text_encoder.pt (SICoT) and history.json; collective. Rank 0 writes, except a
+    class-sharded W, which each rank writes itself (`classifier_shards`: their files, on rank 0)."""
     params, model = training.params, training.model
     model.eval()
-    # A collective for a sharded classifier; title anchors are folded in, the export is image-only.
-    weight = model.classifier.full_weight(model.row_offsets()).detach().cpu()
     outputs = {"mode": params.train.mode, "model": storage.join(out_dir, "model.pt"),
                "checkpoint": storage.join(out_dir, "checkpoint.pt"),
                "history": storage.join(out_dir, "history.json"), "epochs": len(history),
                "val_top1": history[-1]["val_top1"] if history else None}
     if model.text_encoder is not None:
         outputs["text_encoder"] = storage.join(out_dir, "text_encoder.pt")
+    arch = {"backbone": params.train.backbone, "feature_dim": model.dim}
+    # Title anchors are folded into W's rows: the export is image-only.
+    if is_sharded(model) and model.classifier.world_size > 1:
+        files = save_sharded(outputs["model"], model.backbone, model.classifier.rows(model.row_offsets()),
+                             model.classifier.class_range[0], data.classes, params.train.image_size, arch,
+                             model.classifier.group)
+        outputs["classifier_shards"] = files[1:] if training.process.is_main else []
+    else:
+        weight = model.classifier.full_weight(model.row_offsets()).detach().cpu()  # a collective when sharded
+        if training.process.is_main:
+            Recognizer(model.backbone, weight, data.classes, params.train.image_size, arch).save(outputs["model"])
     if training.process.is_main:
-        arch = {"backbone": params.train.backbone, "feature_dim": model.dim}
-        Recognizer(model.backbone, weight, data.classes, params.train.image_size, arch).save(outputs["model"])
         if model.text_encoder is not None:
             save_text_encoder(model.text_encoder, params.train.text_encoder, data.vocab,
                               params.train.max_title_len, outputs["text_encoder"])
@@ -593,6 +601,7 @@ def train_in_group(params: Params, process: TrainingProcess, track: bool = True)
         outputs = write_outputs(training, data, history, out_dir)
         if run is not None:
             files = [outputs[key] for key in ("model", "text_encoder", "history") if key in outputs]
+            files += outputs.get("classifier_shards", [])
             outputs["model_artifact"] = tracking.log_trained_model(files)
             outputs["run_id"] = run.info.run_id
     return outputs

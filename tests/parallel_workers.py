@@ -415,3 +415,68 @@ def launch(world: int, root: Path) -> dict[str, str | None]:
         for name, failure in json.loads(Path(root, f"results-{world}-{rank}.json").read_text()).items():
             merged[name] = merged.get(name) or failure
     return merged
+
+
+# -- the trained model's export (tests/test_sharded_export.py) ---------------------------------------
+
+EXPORT_CLASSES, EXPORT_DIM, EXPORT_WORDS = 11, 8, 5
+
+
+def export_model(seed: int = 0, rows: tuple[int, int] = (0, EXPORT_CLASSES)):
+    """A baseline SICoT with a title-anchored W whose classifier holds `rows`; the same on every rank."""
+    from sicot.model.backbone import create_backbone
+    from sicot.model.title_anchors import TitleWords
+
+    torch.manual_seed(seed)
+    backbone, dim = create_backbone("resnet18", out_dim=EXPORT_DIM)
+    words_of = (torch.rand(EXPORT_CLASSES, EXPORT_WORDS) < 0.5).float()
+    words = TitleWords(dim, EXPORT_WORDS, words_of[rows[0]:rows[1]].to_sparse(), predict=False)
+    with torch.no_grad():
+        words.weight.normal_()
+    return backbone, dim, words
+
+
+def export_sharded(rank, world, port, root):
+    """`sicot.train.write_outputs` on `world` gloo ranks with a class-sharded, title-anchored W, while
+    gathering W raises; rank 0 also writes the one-file model of the same weights (`reference.pt`)."""
+    os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(world),
+                      MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    torch.set_num_threads(1)
+    from types import SimpleNamespace
+
+    from sicot.config import Params
+    from sicot.model.recognizer import Recognizer
+    from sicot.model.sicot import SICoT
+    from sicot.parallel import ShardedClassifier, init_rows, sharded_classifier
+    from sicot.parallel import dist as pdist
+    from sicot.train import TrainingProcess, write_outputs
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("the export gathered W")
+
+    pdist.init_from_env(backend="gloo", timeout_s=60)
+    outcome = {}
+    try:
+        classifier = ShardedClassifier(EXPORT_DIM, EXPORT_CLASSES)
+        backbone, dim, words = export_model(rows=classifier.class_range)
+        model = SICoT(backbone, dim, classifier, words=words)
+        params = Params.from_dict({"train": {"mode": "baseline", "feature_dim": EXPORT_DIM, "image_size": 16},
+                                   "paths": {"models": str(Path(root, "models"))}})
+        training = SimpleNamespace(params=params, model=model,
+                                   process=TrainingProcess(rank, world, torch.device("cpu"), owns_group=False))
+        data = SimpleNamespace(classes=[f"SKU{c}" for c in range(EXPORT_CLASSES)])
+        ShardedClassifier.full_weight = refuse
+        sharded_classifier.all_gather_rows = refuse
+        outputs = write_outputs(training, data, [], str(Path(root, "models", "baseline")))
+        outcome = {"model": outputs["model"], "classifier_shards": outputs["classifier_shards"],
+                   "class_range": list(classifier.class_range)}
+        if rank == 0:
+            backbone, dim, words = export_model()
+            weight = init_rows(0, EXPORT_CLASSES, dim) + words.row_offsets()
+            Recognizer(backbone, weight, data.classes, 16, {"backbone": "resnet18", "feature_dim": dim}
+                       ).save(str(Path(root, "reference.pt")))
+    except Exception as exc:  # reported to the test, which names the rank
+        outcome = {"error": f"rank {rank}: {exc}\n{traceback.format_exc(limit=4)}"}
+    finally:
+        Path(root, f"export-{rank}.json").write_text(json.dumps(outcome))
+        pdist.cleanup()
