@@ -160,9 +160,15 @@ def test_answers_carry_product_facts_and_the_index_version(deployed):
         for match in answer["matches"]:
             assert match["sku"] in trained
             check_facts(deployed, match)
-    # Two epochs on six SKUs already put the right SKU in the top 3 more often than not (chance: 1/2).
-    hits = sum(r["sku"] in {m["sku"] for m in a["matches"]} for r, a in zip(deployed.test, answers))
-    assert hits > len(answers) / 2, hits
+    # The matches are the model's own top 3, in its order, with its probabilities: the service maps class
+    # indices to SKUs and facts and changes nothing else (whether the tiny model is right is not its concern).
+    from sicot.model.recognizer import Recognizer
+
+    model = Recognizer.load(deployed.model_file)
+    probabilities, classes = model.topk(model.prepare([deployed.image(r) for r in deployed.test]), 3)
+    for answer, p, c in zip(answers, probabilities.tolist(), classes.tolist(), strict=True):
+        assert [m["sku"] for m in answer["matches"]] == [model.classes[i] for i in c]
+        assert [m["score"] for m in answer["matches"]] == pytest.approx(p, abs=1e-5)
 
 
 def test_a_score_threshold_above_every_score_means_no_match(deployed):

@@ -115,7 +115,8 @@ def test_the_logged_service_carries_the_shards(exported, tmp_path, monkeypatch):
     monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path / 'mlflow.db'}")
     mlflow.set_tracking_uri(f"sqlite:///{tmp_path / 'mlflow.db'}")
     params = Params.from_dict({"paths": {"index": str(tmp_path / "index")}})
-    with mlflow.start_run():
+    # An explicit experiment of this store: an active experiment set by an earlier test names another store's.
+    with mlflow.start_run(experiment_id=mlflow.create_experiment("sharded-service")):
         info = log_service(model_pt(exported), params)
     local = Path(mlflow.artifacts.download_artifacts(info.model_uri, dst_path=str(tmp_path / "download")))
     served = Recognizer.load(str(local / "artifacts/model.pt"), max_classifier_mb=TINY_MB)
