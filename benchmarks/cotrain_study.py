@@ -137,15 +137,18 @@ def prepare_set(workdir: Path, set_name: str, common: list[str]) -> None:
         train_word2vec.run(params, track=False)
 
 
-def split_metrics(recognizer, manifest, records, params, device) -> dict:
-    from sicot.data.dataset import ProductDataset
+def split_metrics(recognizer, manifest, split, params, device) -> dict:
+    from sicot.data.dataset import ProductImages
     from sicot.data.longtail import class_counts
+    from sicot.data.shards import ShardStream
     from sicot.evaluate import predict, summarize
 
     index = {sku: i for i, sku in enumerate(recognizer.classes)}
     counts = class_counts(manifest.train)
-    dataset = ProductDataset(manifest.root, records, index, recognizer.image_size)
-    topk, labels = predict(recognizer, dataset, params.evaluate.batch_size, device)
+    batch_size = params.evaluate.batch_size
+    dataset = ShardStream(ProductImages(index, recognizer.image_size), manifest.root, manifest.shards[split],
+                          batch_size)
+    topk, labels = predict(recognizer, dataset, batch_size, device)
     return summarize("", topk, labels, [counts.get(s, 0) for s in recognizer.classes],
                      params.evaluate.head_threshold)
 
@@ -155,7 +158,7 @@ def run_one(job: dict) -> dict:
     import torch
 
     torch.set_num_threads(job["threads"])
-    from sicot.data.manifest import load_manifest
+    from sicot.data.prepared import load_prepared
     from sicot.model.recognizer import Recognizer
     from sicot.train import pick_device, run_training
 
@@ -168,10 +171,10 @@ def run_one(job: dict) -> dict:
     seconds = time.perf_counter() - start
     device = pick_device(params.train.device)
     recognizer = Recognizer.load(result["model"])
-    manifest = load_manifest(params.paths.prepared, verify_images=False)
+    manifest = load_prepared(params.paths.prepared)
     row = {k: job[k] for k in ("set", "config", "seed", "overrides")}
-    row.update(seconds=round(seconds, 1), val=split_metrics(recognizer, manifest, manifest.val, params, device),
-               test=split_metrics(recognizer, manifest, manifest.test, params, device))
+    row.update(seconds=round(seconds, 1), val=split_metrics(recognizer, manifest, "val", params, device),
+               test=split_metrics(recognizer, manifest, "test", params, device))
     if "text_encoder" in result:  # where the title attention goes (sicot.attention): 1.0 = blind to noise
         from sicot.attention import load_noise_words, measure_noise_attention
         from sicot.model.text_encoders import load_text_encoder

@@ -5,11 +5,12 @@
 
 Both pipelines read the same JPEGs from a temporary directory, one thread, no worker processes, and end
 in the same batch (normalised float [B,3,224,224]):
-- `ProductDataset` (as training reads it, `SeededSampler`): read, decode (torchvision, Pillow fallback),
-  random resized crop (70-100% of the area) to 224² and flip, collate; its cache is off (`cached`: every
-  decoded image in memory, so only crop, flip and collate remain);
-- reference: `torchvision.io.decode_jpeg` + `transforms.v2.RandomResizedCrop(224)` (same area and aspect
-  range) + `RandomHorizontalFlip`, stacked and normalised by the same function.
+- `ShardStream` (as training reads it): the JPEGs in WebDataset shards of 100 images, read front to back
+  through a shuffle buffer, decode (torchvision, Pillow fallback), random resized crop (70-100% of the area)
+  to 224² and flip, collate; its cache is off (`cached`: every decoded image in memory, so only reading
+  the shards, crop, flip and collate remain);
+- reference: one file per image, `torchvision.io.decode_jpeg` + `transforms.v2.RandomResizedCrop(224)`
+  (same area and aspect range) + `RandomHorizontalFlip`, stacked and normalised by the same function.
 Rounds alternate between the pipelines so both see the same machine load; reported: each pipeline's best
 round, and the median over rounds of its rate over the reference's in the same round.
 Benchmarks measure, they assert nothing.
@@ -31,8 +32,9 @@ from torch.utils.data import DataLoader, Dataset
 from torchvision.io import ImageReadMode, decode_jpeg
 from torchvision.transforms import v2
 
-from sicot.data.dataset import CROP_AREA, CROP_LOG_RATIO, ProductDataset, SeededSampler, collate, normalize_batch
+from sicot.data.dataset import CROP_AREA, CROP_LOG_RATIO, ProductImages, collate, normalize_batch
 from sicot.data.manifest import Record
+from sicot.data.shards import ShardStream, ShardWriter
 
 SIZE = 224
 
@@ -93,19 +95,23 @@ def main(argv: list[str] | None = None) -> None:
         root = Path(tmp)
         records = write_photos(root, args.images, args.source)
         index = {r.sku: i for i, r in enumerate(records)}
+        writer = ShardWriter(root, "train", 100, 2 ** 30)
+        for r in records:
+            writer.add(r, (root / r.image).read_bytes())
+        shards = writer.close()
 
         def ours(cache_bytes: int) -> DataLoader:
-            dataset = ProductDataset(tmp, records, index, SIZE, augment=True, cache_bytes=cache_bytes)
-            return DataLoader(dataset, batch_size=args.batch, collate_fn=collate,
-                              sampler=SeededSampler(dataset, num_replicas=1, rank=0))
+            images = ProductImages(index, SIZE, augment=True, cache_bytes=cache_bytes)
+            stream = ShardStream(images, tmp, shards, args.batch, shuffle=True, drop_last=True, buffer=1000)
+            return DataLoader(stream, batch_size=args.batch, collate_fn=collate)
 
         cached = ours(cache_bytes=len(records) * 3 * args.source ** 2)
         images_per_s(cached)  # fills the cache
-        loaders = {"ProductDataset": ours(cache_bytes=0),
+        loaders = {"ShardStream": ours(cache_bytes=0),
                    "torchvision reference": DataLoader(TorchvisionReference([root / r.image for r in records]),
                                                        batch_size=args.batch, shuffle=True,
                                                        collate_fn=reference_collate),
-                   "ProductDataset, cached": cached}
+                   "ShardStream, cached": cached}
         rates = {name: [] for name in loaders}
         for _ in range(args.rounds):
             for name, loader in loaders.items():

@@ -67,29 +67,30 @@ def index_build_rate() -> dict:
 
 
 def measure(params) -> dict:
+    from sicot.data.prepared import load_prepared
+    from sicot.data.shards import split_images
     from sicot.serving import Recognition
 
-    prepared = Path(params.paths.prepared)
-    holdout, test = ([json.loads(line) for line in (prepared / name).read_text(encoding="utf-8").splitlines()]
-                     for name in ("holdout.jsonl", "test.jsonl"))
+    prepared = load_prepared(params.paths.prepared)
+    holdout, test = prepared.holdout, prepared.test
     model_file = str(Path(params.paths.models) / params.train.mode / "model.pt")
     service = Recognition(model_file, params.paths.index, top_k=3, min_score=0.0, min_similarity=-1.0,
                           max_images=10**6)
 
-    def nearest(records: list[dict]) -> list[list[dict]]:
-        answers = service.recognise([(prepared / r["image"]).read_bytes() for r in records])
-        return [a["new_arrivals"] for a in answers]
+    def nearest(split: str) -> list[list[dict]]:
+        images = [data for _, _, data in split_images(prepared.root, prepared.shards[split])]
+        return [a["new_arrivals"] for a in service.recognise(images)]
 
     started = time.perf_counter()
-    found = nearest(holdout)
+    found = nearest("holdout")
     seconds = time.perf_counter() - started
-    top1 = sum(f[0]["sku"] == r["sku"] for r, f in zip(holdout, found)) / len(holdout)
-    top3 = sum(r["sku"] in {x["sku"] for x in f} for r, f in zip(holdout, found)) / len(holdout)
-    decoys = nearest(test)  # photos of trained SKUs: any suggestion here is a false one
+    top1 = sum(f[0]["sku"] == r.sku for r, f in zip(holdout, found)) / len(holdout)
+    top3 = sum(r.sku in {x["sku"] for x in f} for r, f in zip(holdout, found)) / len(holdout)
+    decoys = nearest("test")  # photos of trained SKUs: any suggestion here is a false one
     by_threshold = {}
     for t in THRESHOLDS:
         by_threshold[t] = {
-            "holdout_correct_top1_listed": sum(f[0]["sku"] == r["sku"] and f[0]["score"] >= t
+            "holdout_correct_top1_listed": sum(f[0]["sku"] == r.sku and f[0]["score"] >= t
                                                for r, f in zip(holdout, found)) / len(holdout),
             "holdout_anything_listed": sum(f[0]["score"] >= t for f in found) / len(found),
             "trained_photos_with_a_suggestion": sum(f[0]["score"] >= t for f in decoys) / len(decoys)}

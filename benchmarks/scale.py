@@ -6,9 +6,10 @@
 
 Per size N, in `.bench/scale/<N>/` (every `paths.*` there, its own MLflow store `mlflow.db`, the step
 logs in `logs/`, the results in `results.json`), on the repo's params.yaml plus `WORLD` and `PIPELINE`:
-the demo world of N SKUs at 64 px (max 25 training images per class, imbalance 25, exponential: ~7.4
-training images per class on average, plus 1 validation, 2 test and 1 catalog image, so 100k SKUs
-make ~1.04M images plus 100k catalog images), then the steps as a user runs them:
+the demo world of N SKUs (max(12, N / 1000) brands) at 64 px (max 25 training images per class,
+imbalance 25, exponential: ~7.4 training images per class on average, plus 1 validation, 2 test and 1
+catalog image, so 100k SKUs make ~1.04M images plus 100k catalog images), then the steps as a user runs
+them:
 
 - generate: `sicot.data.worlds.generate` (what `prepare_data` runs first for `data.source: synthetic`);
 - `components.prepare_data` on the generated directory (validation decodes every image);
@@ -29,7 +30,6 @@ Benchmarks measure, they assert nothing.
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import json
 import os
 import shutil
@@ -44,7 +44,8 @@ import psutil
 import yaml
 
 from sicot.config import load_params
-from sicot.data.manifest import load_manifest, write_manifest
+from sicot.data.prepared import load_prepared
+from sicot.data.shards import INDEX, ShardWriter, split_images, write_index
 
 PROJECT = Path(__file__).resolve().parents[1]
 ROOT = PROJECT / ".bench" / "scale"
@@ -65,9 +66,11 @@ import mlflow, pandas as pd
 from sicot import storage
 from sicot.config import load_params
 params = load_params(sys.argv[1])
+from sicot.data.shards import INDEX, Shard, split_images
 with open(storage.join(params.paths.prepared, "test.jsonl"), encoding="utf-8") as lines:
     record = json.loads(next(lines))
-photo = storage.read_bytes(storage.join(params.paths.prepared, record["image"]))
+first = Shard(**json.loads(storage.read_text(storage.join(params.paths.prepared, INDEX)))["splits"]["test"][0])
+photo = next(split_images(params.paths.prepared, [first]))[2]
 service = mlflow.pyfunc.load_model(f"models:/{params.promote.model_name}@champion")
 print(json.dumps({"sku": record["sku"], "answer": service.predict(pd.DataFrame({"image": [photo]}))[0]}))
 """
@@ -93,26 +96,32 @@ def steps(params_file: Path, workdir: Path) -> dict[str, list[str]]:
 def write_params(workdir: Path, skus: int) -> Path:
     """The size's params file: the repo's params.yaml, the benchmark's world and pipeline, paths in `workdir`."""
     paths = [f"paths.{name}={workdir / name}" for name in PATHS]
-    params = load_params(PROJECT / "params.yaml", [*WORLD, f"data.skus={skus}", *PIPELINE, *paths])
+    # A brand's product lines offer ~150 variants each: past ~10k SKUs the world needs more brands.
+    world = [*WORLD, f"data.skus={skus}", f"data.brands={max(12, skus // 1000)}"]
+    params = load_params(PROJECT / "params.yaml", [*world, *PIPELINE, *paths])
     out = workdir / "params.yaml"
     out.write_text(yaml.safe_dump(params.to_dict(), allow_unicode=True), encoding="utf-8")
     return out
 
 
 def write_train_subset(prepared: Path, out: Path, per_class: int) -> int:
-    """The prepared dataset with at most `per_class` training images of each class, images hard-linked;
-    returns its training images."""
-    manifest = load_manifest(str(prepared), verify_images=False)
-    kept: Counter[str] = Counter()
-    train = []
-    for record in manifest.train:
-        if kept[record.sku] < per_class:
-            kept[record.sku] += 1
-            train.append(record)
+    """The prepared dataset with at most `per_class` training images of each class (other files
+    hard-linked); returns its training images."""
+    manifest = load_prepared(str(prepared))
     if out.exists():
         shutil.rmtree(out)
-    write_manifest(dataclasses.replace(manifest, train=train), out)
-    return len(train)
+    shutil.copytree(prepared, out, copy_function=os.link, ignore=shutil.ignore_patterns("train*"))
+    kept: Counter[str] = Counter()
+    writer, lines = ShardWriter(out, "train", 1000, 100 * 2 ** 20), []
+    for _, record, data in split_images(str(prepared), manifest.shards["train"]):
+        if kept[record.sku] < per_class:
+            kept[record.sku] += 1
+            writer.add(record, data)
+            lines.append(record.to_json() + "\n")
+    (out / "train.jsonl").write_text("".join(lines), encoding="utf-8")
+    (out / INDEX).unlink()  # a hard link to the full dataset's index
+    write_index(out, {**manifest.shards, "train": writer.close()})
+    return len(lines)
 
 
 def measure(cmd: list[str], cwd: Path, env: dict, log: Path) -> dict:

@@ -4,7 +4,8 @@
   is a dataset directory or `s3://` prefix in the contract's format (docs/architecture.md#dataset-contract).
 - Every record is checked (`data.on_bad_record`: `error` stops listing every problem, exit code 2;
   `skip` drops bad records and lists them in reports/dropped_records.jsonl).
-- The valid dataset plus labels.json replaces `paths.prepared` atomically; a failed run changes nothing.
+- The valid dataset replaces `paths.prepared` atomically (its images in WebDataset shards of `data.shard_images`
+  images / `data.shard_mb` MB, sicot.data.prepared); a failed run changes nothing.
 - reports/data_stats.json and reports/long_tail.png describe it; the numbers also go to MLflow.
 """
 from __future__ import annotations
@@ -16,7 +17,8 @@ import time
 from sicot import storage
 from sicot.config import Params
 from sicot.data.longtail import class_counts, data_stats, plot_long_tail
-from sicot.data.manifest import DatasetError, load_manifest, write_manifest
+from sicot.data.manifest import DatasetError, load_manifest
+from sicot.data.prepared import write_prepared
 
 
 def _log_to_mlflow(params: Params, stats: dict, reports: str) -> None:
@@ -43,7 +45,7 @@ def run(params: Params, track: bool = True) -> dict:
     prefixes = [p.strip() for p in data.image_prefixes.split(",") if p.strip()]
     manifest = load_manifest(source, on_bad_record=data.on_bad_record, image_prefixes=prefixes)
     with storage.atomic_dir(paths.prepared) as tmp:
-        write_manifest(manifest, tmp)
+        write_prepared(manifest, tmp, data.shard_images, data.shard_mb)
 
     threshold = params.evaluate.head_threshold
     stats = data_stats(manifest, threshold)

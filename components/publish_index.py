@@ -46,13 +46,13 @@ def _embedder(model_file: str):
 
 
 def run(params: Params, merge: bool = False) -> dict:
-    from sicot.data.manifest import load_manifest
+    from sicot.data.prepared import load_prepared
 
     cfg, root, name = params.publish, params.paths.index, params.promote.model_name
     # Shards built in separate pods pin one version, so a champion moving mid-publish cannot mix models.
     number = cfg.model_version or champion_version(name)
     model_file, model_version = _model_file(name, number), f"{name}-v{number}"
-    manifest = load_manifest(params.paths.prepared, verify_images=False)
+    manifest = load_prepared(params.paths.prepared)
     version = index.version_id(model_version, manifest.catalog, cfg.shards)
     out = index.version_uri(root, version)
     model_uri = f"models:/{name}/{number}"

@@ -17,12 +17,12 @@ from sicot.config import Params
 
 
 def run(params: Params, track: bool = True) -> dict:
-    from sicot.data.manifest import load_manifest
+    from sicot.data.prepared import load_prepared
     from sicot.text.tokenize import tokenize
     from sicot.text.word2vec import export, frequent_words, train_word2vec
 
     started = time.perf_counter()
-    manifest = load_manifest(params.paths.prepared, verify_images=False)  # titles only
+    manifest = load_prepared(params.paths.prepared)  # titles only
     titles = [r.title for r in manifest.train] + [r.title for r in manifest.catalog]
     token_lists = [tokenize(title) for title in titles]
     dropped = frequent_words(token_lists, params.word2vec.max_title_share)

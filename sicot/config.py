@@ -40,7 +40,8 @@ class Paths:
     """Where each step's inputs and outputs live: a local path or an s3:// URI. Each can also be set
     from the environment as SICOT_<KEY> (SICOT_PREPARED, SICOT_INDEX, ...: the Kubernetes ConfigMap)."""
     raw: str = opt("data/raw", help="where the synthetic demo world is generated (data.source: synthetic)")
-    prepared: str = opt("data/prepared", help="the validated dataset in the contract's format plus labels.json")
+    prepared: str = opt("data/prepared",
+                        help="the validated dataset: records, images in WebDataset shards, labels.json")
     word2vec: str = opt("models/word2vec", help="word vectors: gensim model, vectors.npy, vocab.json")
     models: str = opt("models", help="trained models: <models>/<mode>/ holds checkpoint, model.pt, history")
     reports: str = opt("reports", help="data_stats.json, <mode>/metrics.json, comparison.json/.md, plots")
@@ -75,6 +76,9 @@ class Data:
     on_bad_record: str = opt("error", choices=ON_BAD_RECORD,
                              help="error: stop, listing every bad record; skip: drop them, listed in "
                                   "reports/dropped_records.jsonl")
+    shard_images: int = opt(1000, ge=1, help="images per shard file of the prepared dataset (at most)")
+    shard_mb: float = opt(100.0, gt=0, help="MB of images per shard file of the prepared dataset (at most, "
+                                            "unless one image is larger)")
     seed: int = opt(0, ge=0, help="demo world: random seed; the same seed gives the same bytes")
     skus: int = opt(120, ge=2, help="demo world: number of SKUs (classes); scales to 100k+")
     brands: int = opt(12, ge=1, help="demo world: number of brands")
@@ -161,6 +165,8 @@ class Train:
     cache_mb: int = opt(256, ge=0, runtime=True, help="MiB of decoded training and validation images kept in memory "
                                                       "at their stored size (shared out over the workers); the "
                                                       "others are decoded every epoch")
+    shuffle_buffer: int = opt(1000, ge=1, help="training images each loading process shuffles among as it "
+                                              "streams its shards (held as encoded bytes)")
     threads: int = opt(0, ge=0, runtime=True, help="CPU threads per training process, 0 = all "
                                                "(1 lets two trainings share 2 cores)")
     nproc: int = opt(1, ge=1, runtime=True, help="training processes (GPUs) per node; > 1 launches torchrun "

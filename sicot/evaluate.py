@@ -110,7 +110,7 @@ def predict(recognizer, dataset, batch_size: int, device: torch.device, k: int =
 
     recognizer.to(device).eval()
     tops, labels = [], []
-    for batch in DataLoader(dataset, batch_size=batch_size, shuffle=False, collate_fn=collate):
+    for batch in DataLoader(dataset, batch_size=batch_size, collate_fn=collate):
         tops.append(recognizer.topk(batch["image"].to(device), k)[1].cpu())
         labels.append(batch["label"])
     if not tops:
@@ -157,8 +157,9 @@ def csv_text(rows: list[dict]) -> str:
 def score(model_uri: str, params: Params, manifest, device: torch.device):
     """(recognizer, top-3 class indices [N, 3], labels [N], training images per class) on the test split.
     A classifier over `evaluate.max_classifier_mb` is scored block by block from its files."""
-    from sicot.data.dataset import ProductDataset
+    from sicot.data.dataset import ProductImages
     from sicot.data.longtail import class_counts
+    from sicot.data.shards import ShardStream
     from sicot.model.recognizer import Recognizer
 
     recognizer = Recognizer.load(model_uri, max_classifier_mb=params.evaluate.max_classifier_mb)
@@ -168,8 +169,10 @@ def score(model_uri: str, params: Params, manifest, device: torch.device):
         raise EvaluationError(f"{model_uri} does not know {len(unknown)} SKU(s) of the test split "
                               f"(e.g. {unknown[:3]}): it was trained on other data; retrain it")
     counts = class_counts(manifest.train)
-    dataset = ProductDataset(manifest.root, manifest.test, index, recognizer.image_size)
-    topk, labels = predict(recognizer, dataset, params.evaluate.batch_size, device)
+    batch_size = params.evaluate.batch_size
+    dataset = ShardStream(ProductImages(index, recognizer.image_size), manifest.root, manifest.shards["test"],
+                          batch_size)
+    topk, labels = predict(recognizer, dataset, batch_size, device)
     return recognizer, topk, labels, [counts.get(sku, 0) for sku in recognizer.classes]
 
 
@@ -180,10 +183,10 @@ def model_sha256(model_uri: str) -> str:
 
 def evaluate_model_file(model_uri: str, params: Params, name: str = "candidate") -> dict:
     """metrics.json's content for any model file on the current test split; writes nothing."""
-    from sicot.data.manifest import load_manifest
+    from sicot.data.prepared import load_prepared
     from sicot.train import pick_device
 
-    manifest = load_manifest(params.paths.prepared, verify_images=False)
+    manifest = load_prepared(params.paths.prepared)
     _, topk, labels, counts = score(model_uri, params, manifest, pick_device(params.train.device))
     return summarize(name, topk, labels, counts, params.evaluate.head_threshold)
 
@@ -218,7 +221,7 @@ def evaluate_all(params: Params, track: bool = True, only: str | None = None) ->
     """Evaluate every trained model (or just `only`); returns {model: metrics} plus the comparison
     when both the baseline and the co-trained model have been evaluated."""
     from sicot import tracking
-    from sicot.data.manifest import load_manifest
+    from sicot.data.prepared import load_prepared
     from sicot.train import pick_device
 
     models = {name: where for name, where in tracking.trained_models(params).items() if only in (None, name)}
@@ -226,7 +229,7 @@ def evaluate_all(params: Params, track: bool = True, only: str | None = None) ->
         where = (f"in pipeline run {os.environ[tracking.PARENT_ENV]}" if os.environ.get(tracking.PARENT_ENV)
                  else f"under {params.paths.models} (looked for */model.pt)")
         raise EvaluationError(f"no trained model{f' {only!r}' if only else ''} {where}; run train_model first")
-    manifest = load_manifest(params.paths.prepared, verify_images=False)
+    manifest = load_prepared(params.paths.prepared)
     device = pick_device(params.train.device)
     results = {name: report_model(name, where, params, manifest, device) for name, where in sorted(models.items())}
     outputs = {"models": results, "reports": params.paths.reports}

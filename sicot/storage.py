@@ -25,6 +25,7 @@ import tempfile
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
+from typing import BinaryIO
 
 
 class StorageError(OSError):
@@ -128,6 +129,21 @@ def read_bytes(uri: str) -> bytes:
                 raise FileNotFoundError(uri) from None
             raise
     return Path(uri).read_bytes()
+
+
+def open_read(uri: str) -> contextlib.AbstractContextManager[BinaryIO]:
+    """`uri` as a binary stream to read front to back (an S3 object's body as it downloads), for `with`."""
+    if (tree := dvc_tree(uri)) and tree[1]:
+        return open_read(_dvc_object(uri))
+    if is_s3(uri):
+        bucket, key = _split(uri)
+        try:
+            return contextlib.closing(s3().get_object(Bucket=bucket, Key=key)["Body"])
+        except Exception as exc:
+            if _is_missing(exc):
+                raise FileNotFoundError(uri) from None
+            raise
+    return open(uri, "rb")
 
 
 def read_text(uri: str) -> str:

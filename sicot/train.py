@@ -41,10 +41,12 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 import torch.distributed as dist
-from torch.utils.data import DataLoader, DistributedSampler
+from torch.utils.data import DataLoader
 
 from sicot import storage, torchfile, tracking
 from sicot.config import Params
+from sicot.data.dataset import ProductImages
+from sicot.data.shards import ShardStream
 from sicot.model.backbone import create_backbone
 from sicot.model.classifier import ReplicatedClassifier
 from sicot.model.recognizer import Recognizer, save_sharded
@@ -144,17 +146,18 @@ def configure_backends(params: Params, device: torch.device) -> list[str]:
 @dataclass
 class TrainingData:
     classes: list[str]
-    train: torch.utils.data.Dataset
-    val: torch.utils.data.Dataset
+    prepared: str
+    shards: dict[str, list]  # split -> the shards (sicot.data.shards.Shard) that hold its images
+    train: ProductImages  # what one training image becomes (augmented)
+    val: ProductImages
     train_counts: list[int]
     vocab: Vocabulary | None  # SICoT mode only
     class_words: torch.Tensor | None  # T [C, V] sparse: each class's title words (title anchors)
 
 
 def load_data(params: Params) -> TrainingData:
-    from sicot.data.dataset import ProductDataset
     from sicot.data.longtail import class_counts
-    from sicot.data.manifest import load_manifest
+    from sicot.data.prepared import load_prepared
 
     prepared = params.paths.prepared
     labels_uri = storage.join(prepared, "labels.json")
@@ -162,7 +165,7 @@ def load_data(params: Params) -> TrainingData:
         classes = json.loads(storage.read_text(labels_uri))["classes"]
     except FileNotFoundError:
         raise TrainError(f"{labels_uri}: not found; run prepare_data first") from None
-    manifest = load_manifest(prepared, verify_images=False)  # prepare_data already verified every image
+    manifest = load_prepared(prepared)
     if manifest.classes() != classes:
         raise TrainError(f"{labels_uri}: classes differ from the SKUs in {prepared}/train.jsonl; "
                          "re-run prepare_data")
@@ -181,11 +184,9 @@ def load_data(params: Params) -> TrainingData:
     budget = params.train.cache_mb * 2 ** 20
     train_share = budget * len(manifest.train) // (len(manifest.train) + len(manifest.val))
     return TrainingData(
-        classes=classes,
-        train=ProductDataset(prepared, manifest.train, index, image_size, encode_title=encode, augment=True,
-                             cache_bytes=train_share),
-        val=ProductDataset(prepared, manifest.val, index, image_size, encode_title=encode,
-                           cache_bytes=budget - train_share),
+        classes=classes, prepared=prepared, shards=manifest.shards,
+        train=ProductImages(index, image_size, encode_title=encode, augment=True, cache_bytes=train_share),
+        val=ProductImages(index, image_size, encode_title=encode, cache_bytes=budget - train_share),
         train_counts=[counts[sku] for sku in classes], vocab=vocab, class_words=class_words)
 
 
@@ -372,7 +373,7 @@ class TrainingSetup:
     streams: torch.nn.Module  # the data-parallel runner of model.streams
     optimizer: torch.optim.Optimizer
     scheduler: torch.optim.lr_scheduler.LRScheduler
-    sampler: DistributedSampler
+    sampler: ShardStream  # the training images; `set_epoch` before each epoch
     loader: DataLoader
     val_loader: DataLoader
     log_prior: torch.Tensor | None  # log class prior, for logit adjustment
@@ -471,20 +472,18 @@ def make_optimizer(params: Params, model: SICoT, fused: bool):
 
 
 def make_loaders(params: Params, data: TrainingData, process: TrainingProcess):
-    from sicot.data.dataset import SeededSampler, collate
+    from sicot.data.dataset import collate
 
-    batch_size, workers = params.train.batch_size, params.train.workers
-    sampler = SeededSampler(data.train, num_replicas=process.world_size, rank=process.rank, shuffle=True,
-                            seed=params.train.seed)
+    batch_size, workers, val_batch = params.train.batch_size, params.train.workers, params.evaluate.batch_size
+    train = ShardStream(data.train, data.prepared, data.shards["train"], batch_size, rank=process.rank,
+                        ranks=process.world_size, shuffle=True, drop_last=True, seed=params.train.seed,
+                        buffer=params.train.shuffle_buffer)
+    val = ShardStream(data.val, data.prepared, data.shards.get("val", []), val_batch)
     # Workers load the next batches (DataLoader's prefetch: 2 each) while a step runs, and live for the
     # whole run with their caches.
     loading = dict(num_workers=workers, collate_fn=collate, persistent_workers=workers > 0,
                    pin_memory=process.device.type == "cuda")
-    # BatchNorm cannot train on a last batch of one image: drop the ragged end when there is a full batch.
-    loader = DataLoader(data.train, batch_size=batch_size, sampler=sampler, drop_last=len(sampler) >= batch_size,
-                        **loading)
-    val_loader = DataLoader(data.val, batch_size=params.evaluate.batch_size, shuffle=False, **loading)
-    return sampler, loader, val_loader
+    return train, DataLoader(train, batch_size=batch_size, **loading), DataLoader(val, batch_size=val_batch, **loading)
 
 
 def wrap_streams(model: SICoT, params: Params, process: TrainingProcess):

@@ -2,6 +2,7 @@
 import io
 import struct
 import zlib
+from pathlib import Path
 from types import SimpleNamespace
 
 import numpy as np
@@ -10,7 +11,7 @@ import torch
 from PIL import Image, ImageFile
 
 from sicot.data import images
-from sicot.data.dataset import ProductDataset, SeededSampler, collate
+from sicot.data.dataset import ProductImages, collate
 from sicot.data.images import IMAGENET_MEAN, IMAGENET_STD, ImageError, decode_image, normalize, to_tensor
 from sicot.data.manifest import Record, load_manifest
 from tests.test_manifest import make_dataset
@@ -229,14 +230,30 @@ def encode_title(title: str) -> list[int]:
     return [len(word) for word in title.split()][:5]
 
 
+class Items:
+    """`ProductImages` over the training records, each read from its file: `ds[i]` or `ds[i, seed]`."""
+
+    def __init__(self, manifest, size: int = 16, records=None, class_index=None, **kw):
+        self.root, self.records = Path(manifest.root), manifest.train if records is None else records
+        self.images = ProductImages(index_of(manifest) if class_index is None else class_index, size, **kw)
+
+    def __len__(self) -> int:
+        return len(self.records)
+
+    def __getitem__(self, key) -> dict:
+        i, seed = key if isinstance(key, tuple) else (key, None)
+        record = self.records[i]
+        return self.images.item(i, record, (self.root / record.image).read_bytes(), seed)
+
+
 def test_items_have_pixels_label_tokens(manifest):
-    ds = ProductDataset(manifest.root, manifest.train, index_of(manifest), 16, encode_title=encode_title)
+    ds = Items(manifest, encode_title=encode_title)
     assert len(ds) == 9
     item = ds[3]
     assert item["pixels"].shape == (3, 16, 16) and item["pixels"].dtype == torch.uint8
     assert item["label"] == 0 and item["tokens"].dtype == torch.long and len(item["tokens"]) == 5
     assert ds[1]["tokens"].shape == (0,)  # empty title
-    assert ProductDataset(manifest.root, manifest.train, index_of(manifest), 16)[3]["tokens"].shape == (0,)
+    assert Items(manifest)[3]["tokens"].shape == (0,)
     assert [ds[i]["label"] for i in range(len(ds))] == [0] * 4 + [1] * 3 + [2] * 2
 
 
@@ -244,7 +261,7 @@ def test_pixels_are_resized_as_serving_resizes_them(tmp_path):
     (tmp_path / "a.jpg").write_bytes(encode(photo(40, 30), "JPEG"))
     record = Record(image="a.jpg", sku="A", title="", tags=())
     for size in (16, 24, 64):
-        pixels = ProductDataset(str(tmp_path), [record], {"A": 0}, size)[0]["pixels"]
+        pixels = ProductImages({"A": 0}, size).item(0, record, (tmp_path / "a.jpg").read_bytes())["pixels"]
         served = torch.from_numpy(images.to_uint8(decode_image((tmp_path / "a.jpg").read_bytes()), size).copy())
         # torch's uint8 antialiased bilinear kernel is Pillow's algorithm; they round differently in the
         # last bit, so a pixel may differ by one level.
@@ -252,13 +269,13 @@ def test_pixels_are_resized_as_serving_resizes_them(tmp_path):
 
 
 def test_collate_normalises_and_pads_tokens_with_zero(manifest):
-    ds = ProductDataset(manifest.root, manifest.train, index_of(manifest), 16, encode_title=encode_title)
+    ds = Items(manifest, encode_title=encode_title)
     batch = collate([ds[1], ds[3], ds[4]])
     assert batch["image"].shape == (3, 3, 16, 16) and batch["image"].is_contiguous()
     assert torch.equal(batch["image"][1], normalize(ds[3]["pixels"]))
     assert batch["label"].tolist() == [0, 0, 1]
     assert batch["tokens"].shape == (3, 5) and batch["tokens"][0].tolist() == [0] * 5
-    plain = ProductDataset(manifest.root, manifest.train, index_of(manifest), 16)
+    plain = Items(manifest)
     assert collate([plain[0], plain[1]])["tokens"].shape == (2, 1)
 
 
@@ -268,37 +285,36 @@ def test_images_are_decoded_once_when_cached(manifest, monkeypatch):
     calls = []
     real = module.decode_pixels
     monkeypatch.setattr(module, "decode_pixels", lambda data: calls.append(1) or real(data))
-    ds = ProductDataset(manifest.root, manifest.train, index_of(manifest), 16, cache_bytes=2 ** 20)
+    ds = Items(manifest, cache_bytes=2 ** 20)
     first = ds[0]["pixels"]
     assert torch.equal(ds[0]["pixels"], first) and len(calls) == 1
-    uncached = ProductDataset(manifest.root, manifest.train, index_of(manifest), 16)  # evaluation's default
+    uncached = Items(manifest)  # evaluation's default
     uncached[0], uncached[0]
-    assert len(calls) == 3 and uncached.cache == {}
+    assert len(calls) == 3 and uncached.images.cache == {}
 
 
 def test_a_small_cache_budget_keeps_only_what_fits(manifest, monkeypatch):
     from sicot.data import dataset as module
 
     one_image = 3 * 8 * 8  # the test images are 8x8
-    ds = ProductDataset(manifest.root, manifest.train, index_of(manifest), 16, augment=True,
-                        cache_bytes=2 * one_image + one_image // 2)
-    uncached = ProductDataset(manifest.root, manifest.train, index_of(manifest), 16, augment=True)
+    ds = Items(manifest, augment=True, cache_bytes=2 * one_image + one_image // 2)
+    uncached = Items(manifest, augment=True)
     for _ in range(2):
         for i in range(len(ds)):
-            assert torch.equal(ds[i, 7 + i]["pixels"], uncached[i, 7 + i]["pixels"])  # cached or not, the same
-    assert sorted(ds.cache) == [0, 1] and ds.cached_bytes == 2 * one_image
+            assert torch.equal(ds[i, 7 + i]["pixels"], uncached[i, 7 + i]["pixels"])  # cached or not
+    assert sorted(ds.images.cache) == [0, 1] and ds.images.cached_bytes == 2 * one_image
     # Each DataLoader worker holds its own share of the budget.
     monkeypatch.setattr(module, "get_worker_info", lambda: SimpleNamespace(num_workers=2))
-    shared = ProductDataset(manifest.root, manifest.train, index_of(manifest), 16, cache_bytes=2 * one_image)
+    shared = Items(manifest, cache_bytes=2 * one_image)
     [shared[i] for i in range(len(shared))]
-    assert sorted(shared.cache) == [0]
+    assert sorted(shared.images.cache) == [0]
 
 
-def ramp_dataset(manifest, **kw) -> ProductDataset:
+def ramp_dataset(manifest, **kw) -> Items:
     """The dataset with image 0 replaced by a gradient (cached), so crops and flips change pixels."""
-    ds = ProductDataset(manifest.root, manifest.train, index_of(manifest), 16, augment=True, **kw)
+    ds = Items(manifest, augment=True, **kw)
     ramp = torch.arange(24).view(24, 1) + 10 * torch.arange(24).view(1, 24)  # 0..253
-    ds.cache[0] = ramp.to(torch.uint8).expand(3, 24, 24)
+    ds.images.cache[0] = ramp.to(torch.uint8).expand(3, 24, 24)
     return ds
 
 
@@ -308,54 +324,20 @@ def test_augmentation_is_decided_by_the_seed(manifest):
     assert all(torch.equal(x, ds[0, seed]["pixels"]) for seed, x in enumerate(a))
     assert not all(torch.equal(a[0], x) for x in a[1:])
     assert a[0].shape == (3, 16, 16) and a[0].dtype == torch.uint8
-    torch.manual_seed(5)  # an index alone draws from torch's global generator
+    torch.manual_seed(5)  # no seed: torch's global generator draws
     b = [ds[0]["pixels"] for _ in range(4)]
     torch.manual_seed(5)
     assert all(torch.equal(x, ds[0]["pixels"]) for x in b)
-    plain = ProductDataset(manifest.root, manifest.train, index_of(manifest), 16)
-    plain.cache[0] = ds.cache[0]
+    plain = Items(manifest)
+    plain.images.cache[0] = ds.images.cache[0]
     assert torch.equal(plain[0]["pixels"], plain[0, 1]["pixels"])  # no augmentation: the seed is unused
 
 
-def test_seeded_sampler_pairs_each_index_with_a_seed_of_the_epoch():
-    data = range(6)
-
-    def epoch(epoch: int, seed: int = 0, **kw) -> list[tuple[int, int]]:
-        sampler = SeededSampler(data, num_replicas=kw.get("ranks", 1), rank=kw.get("rank", 0), seed=seed)
-        sampler.set_epoch(epoch)
-        return list(sampler)
-
-    first = epoch(0)
-    assert sorted(i for i, _ in first) == list(range(6)) and epoch(0) == first
-    assert dict(epoch(1)) != dict(first) and dict(epoch(0, seed=1)) != dict(first)
-    # An image's seed does not depend on which rank loads it.
-    assert dict(epoch(0, ranks=2, rank=0)) | dict(epoch(0, ranks=2, rank=1)) == dict(first)
-
-
-def test_worker_processes_load_the_same_batches(manifest):
-    ds = ramp_dataset(manifest, encode_title=encode_title, cache_bytes=2 ** 20)
-
-    def epochs(workers: int) -> list[dict]:
-        sampler = SeededSampler(ds, num_replicas=1, rank=0, seed=3)
-        loader = torch.utils.data.DataLoader(ds, batch_size=4, sampler=sampler, collate_fn=collate,
-                                             num_workers=workers, persistent_workers=workers > 0)
-        batches = []
-        for epoch in range(2):
-            sampler.set_epoch(epoch)
-            batches += list(loader)
-        return batches
-
-    alone, with_workers = epochs(0), epochs(2)
-    assert sum(len(b["label"]) for b in alone) == 18 and alone[0]["tokens"].shape[1] >= 1
-    assert all(torch.equal(a[key], b[key]) for a, b in zip(alone, with_workers, strict=True) for key in a)
-    assert not torch.equal(alone[0]["image"], alone[3]["image"])  # the second epoch's crops and order differ
-
-
 def test_unknown_sku_and_broken_image_are_named(manifest, tmp_path):
-    with pytest.raises(ValueError, match="not in the class index"):
-        ProductDataset(manifest.root, manifest.train, {"SKU-A": 0}, 16)
+    with pytest.raises(ValueError, match=r"train_SKU-B_0\.png: SKU 'SKU-B' is not one of the model's classes"):
+        Items(manifest, class_index={"SKU-A": 0})[4]
     (tmp_path / "ds" / manifest.train[0].image).write_bytes(b"garbage")
-    ds = ProductDataset(manifest.root, manifest.train, index_of(manifest), 16)
+    ds = Items(manifest)
     with pytest.raises(ImageError, match="train_SKU-A_0.png: not a recognised image format"):
         ds[0]
     jpeg = tmp_path / "ds" / manifest.train[1].image

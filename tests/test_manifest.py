@@ -8,7 +8,9 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from sicot.data.manifest import DatasetError, Problem, Record, load_manifest, write_manifest
+from sicot.data.manifest import DatasetError, Problem, Record, load_manifest
+from sicot.data.prepared import load_prepared, write_prepared
+from sicot.data.shards import split_images
 
 SKUS = ["SKU-A", "SKU-B", "SKU-C"]
 LONG_TITLE = "超长标题" * 2500  # 10,000 characters: valid, the model truncates
@@ -229,20 +231,6 @@ def test_holdout_records_need_a_catalog_sku(dataset):
     assert [r.sku for r in m.holdout] == ["SKU-NEW"]
 
 
-def test_written_dataset_is_itself_a_valid_dataset(dataset, tmp_path):
-    m = load_manifest(str(dataset))
-    out = tmp_path / "prepared"
-    write_manifest(m, out)
-    again = load_manifest(str(out))
-    assert (again.train, again.val, again.test, again.catalog) == (m.train, m.val, m.test, m.catalog)
-    assert json.loads((out / "labels.json").read_text()) == {"classes": SKUS}
-    assert LONG_TITLE in (out / "train.jsonl").read_text(encoding="utf-8")  # no \u escapes
-    src, dst = dataset / m.train[0].image, out / m.train[0].image
-    assert os.stat(src).st_ino == os.stat(dst).st_ino  # hard link on one filesystem
-    assert sorted(p.name for p in out.iterdir()) == ["catalog.jsonl", "images", "labels.json", "test.jsonl",
-                                                      "train.jsonl", "val.jsonl"]
-
-
 @pytest.mark.services
 def test_s3_dataset_is_read_and_written_locally(dataset, s3_bucket, tmp_path):
     from sicot import storage
@@ -265,9 +253,11 @@ def test_s3_dataset_is_read_and_written_locally(dataset, s3_bucket, tmp_path):
     original = (dataset / "images/train_SKU-A_0.png").read_bytes()
     storage.write_bytes(storage.join(root, "images/train_SKU-A_0.png"), original)
     out = tmp_path / "prepared"
-    write_manifest(load_manifest(root, image_prefixes=allowed), out)
-    local = load_manifest(str(out))
+    write_prepared(load_manifest(root, image_prefixes=allowed), out)
+    local = load_prepared(str(out))
     assert local.val[-1].image == f"images/s3/{s3_bucket[5:]}/elsewhere/extra.png" and len(local.train) == 9
+    images = [data for _, _, data in split_images(str(out), local.shards["val"])]
+    assert images[-1] == png((1, 2, 3)) and images[0] == (dataset / m.val[0].image).read_bytes()
 
 
 @pytest.mark.services
@@ -292,6 +282,6 @@ def test_s3_images_are_confined_to_the_dataset_prefix(dataset, s3_bucket, tmp_pa
     kept = load_manifest(root, on_bad_record="skip")
     assert kept.train[-1].image == f"{s3_bucket}/ds/images/own.png"
     out = tmp_path / "prepared"
-    write_manifest(kept, out)
-    assert load_manifest(str(out)).train[-1].image == "images/own.png"  # its place inside the dataset
+    write_prepared(kept, out)
+    assert "images/own.png" in {r.image for r in load_prepared(str(out)).train}  # its place inside the dataset
     assert sorted(p.name for p in tmp_path.iterdir()) == ["ds", "prepared"]

@@ -9,7 +9,8 @@ import pytest
 
 from components import prepare_data
 from sicot.config import load_params
-from sicot.data.manifest import DatasetError, load_manifest
+from sicot.data.manifest import DatasetError
+from sicot.data.prepared import load_prepared
 from tests.test_manifest import BAD_CASES, SKUS, append, make_dataset
 
 REPO = Path(__file__).resolve().parents[1]
@@ -30,7 +31,7 @@ def test_synthetic_source_is_generated_validated_and_described(tmp_path):
                         "data.holdout_skus=1", "evaluate.head_threshold=8")
     out = prepare_data.run(params, track=False)
     assert out["classes"] == 12 and out["dropped"] == 0 and out["generated"]["images"]["catalog"] == 13
-    prepared = load_manifest(str(tmp_path / "prepared"))
+    prepared = load_prepared(str(tmp_path / "prepared"))
     assert len(prepared.classes()) == 12 and len(prepared.holdout) == 2
     assert json.loads((tmp_path / "prepared" / "labels.json").read_text())["classes"] == prepared.classes()
     stats = json.loads((tmp_path / "reports" / "data_stats.json").read_text())
@@ -55,7 +56,7 @@ def test_skip_mode_prepares_the_rest_and_reports_the_dropped(tmp_path, case, fil
     report = [json.loads(x) for x in (tmp_path / "reports" / "dropped_records.jsonl").read_text().splitlines()]
     assert len(report) == 1 and report[0]["file"] == file and report[0]["line"] == line
     assert reason in report[0]["reason"]
-    prepared = load_manifest(str(tmp_path / "prepared"))
+    prepared = load_prepared(str(tmp_path / "prepared"))
     assert (len(prepared.train), len(prepared.val), len(prepared.test), len(prepared.catalog)) == (9, 3, 3, 4)
     assert json.loads((tmp_path / "reports" / "data_stats.json").read_text())["dropped_records"] == 1
 
@@ -84,7 +85,7 @@ def test_cli_prepares_a_hand_made_directory_and_logs_to_mlflow(tmp_path):
     assert done.returncode == 0, done.stderr
     assert json.loads(done.stdout)["classes"] == 3
     assert "prepare_data: 3 classes, 9/3/3 train/val/test images" in done.stderr
-    assert load_manifest(str(tmp_path / "prepared")).classes() == SKUS
+    assert load_prepared(str(tmp_path / "prepared")).classes() == SKUS
     import sqlite3
 
     with sqlite3.connect(tmp_path / "mlflow.db") as db:

@@ -341,8 +341,9 @@ def test_tf32_is_set_for_a_cuda_device(tiny_world, tmp_path, tf32, precision):
 def test_title_anchors_are_folded_into_the_exported_image_only_model(tiny_world, tmp_path):
     """The deployed model has no titles: W + the anchors' offsets is what it holds, and it predicts
     the validation split exactly as the training run scored it."""
-    from sicot.data.dataset import ProductDataset
-    from sicot.data.manifest import load_manifest
+    from sicot.data.dataset import ProductImages
+    from sicot.data.prepared import load_prepared
+    from sicot.data.shards import ShardStream
     from sicot.evaluate import predict
 
     params = tiny_world.params(tmp_path, "train.mode=sicot", "train.title_anchors=true", "train.word_loss=1")
@@ -350,9 +351,9 @@ def test_title_anchors_are_folded_into_the_exported_image_only_model(tiny_world,
     recognizer = Recognizer.load(out["model"])
     plain_w = torchfile.load(out["checkpoint"], "checkpoint")["model"]["classifier.weight"]
     assert not torch.allclose(recognizer.state_dict()["weight"], plain_w)
-    manifest = load_manifest(params.paths.prepared, verify_images=False)
+    manifest = load_prepared(params.paths.prepared)
     index = {sku: i for i, sku in enumerate(recognizer.classes)}
-    top, labels = predict(recognizer, ProductDataset(params.paths.prepared, manifest.val, index,
-                                                     params.train.image_size), 64, torch.device("cpu"), k=1)
+    val = ShardStream(ProductImages(index, params.train.image_size), manifest.root, manifest.shards["val"], 64)
+    top, labels = predict(recognizer, val, 64, torch.device("cpu"), k=1)
     history = json.loads(Path(out["history"]).read_text())
     assert (top[:, 0] == labels).mean() == pytest.approx(history[-1]["val_top1"])

@@ -1,16 +1,15 @@
-"""The torch Dataset over contract records: image pixels, class label, encoded title; `collate` makes batches."""
+"""What a photo and its record become for the model (pixels, class label, encoded title); `collate` makes batches."""
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable
 
-import numpy as np
 import torch
 import torch.nn.functional as F
-from torch.utils.data import Dataset, DistributedSampler, get_worker_info
+from torch.utils.data import get_worker_info
 
-from sicot import storage
 from sicot.data.images import IMAGENET_MEAN, IMAGENET_STD, ImageError, decode_pixels
+from sicot.data.manifest import Record
 
 # Random resized crop of the augmentation: share of the image's area and aspect ratio (width / height).
 CROP_AREA = (0.7, 1.0)
@@ -19,28 +18,22 @@ IMAGENET_MEAN_CHW = torch.tensor(IMAGENET_MEAN).view(3, 1, 1)
 IMAGENET_STD_CHW = torch.tensor(IMAGENET_STD).view(3, 1, 1)
 
 
-class ProductDataset(Dataset):
-    """Items are `{"pixels": uint8 [3,S,S], "label": int, "tokens": LongTensor[L]}`; `collate` turns a
-    list of them into the model's batch.
+class ProductImages:
+    """What one photo becomes: `{"pixels": uint8 [3,S,S], "label": int, "tokens": LongTensor[L]}`, from
+    its record and its image's bytes; `collate` turns a list of them into the model's batch. It holds
+    nothing per record (a stream hands each record in with its bytes), so a worker's memory does not grow
+    with the dataset.
 
-    An item is keyed by its index, or by `(index, seed)` (what `SeededSampler` yields): the seed alone
-    decides its augmentation, whichever process loads the image; an index alone draws from torch's global
-    generator.
-
-    Decoded images are kept in memory at their stored size (one resize to S x S per read, the crop's)
-    while `cache_bytes` lasts, shared out over the DataLoader's workers; the others are decoded each time
-    they are read. Cached or not, an item's pixels are the same.
+    With `augment`, the seed alone decides the crop and flip, whichever process loads the image; without a
+    seed they draw from torch's global generator. Decoded images are kept in memory at their stored size
+    (one resize to S x S per read, the crop's) while `cache_bytes` lasts, shared out over the DataLoader's
+    workers; the others are decoded each time they are read. Cached or not, an item's pixels are the same.
     """
 
-    def __init__(self, root: str, records: Sequence, class_index: dict[str, int], image_size: int,
+    def __init__(self, class_index: dict[str, int], image_size: int,
                  encode_title: Callable[[str], list[int]] | None = None, augment: bool = False,
                  cache_bytes: int = 0):
-        unknown = sorted({r.sku for r in records} - set(class_index))
-        if unknown:
-            raise ValueError(f"{len(unknown)} SKU(s) not in the class index, e.g. {unknown[:3]}")
-        self.root = str(root)
-        self.records = list(records)
-        self.labels = [class_index[r.sku] for r in self.records]
+        self.class_index = class_index
         self.image_size = image_size
         self.encode_title = encode_title
         self.augment = augment
@@ -48,24 +41,24 @@ class ProductDataset(Dataset):
         self.cache: dict[int, torch.Tensor] = {}
         self.cached_bytes = 0
 
-    def __len__(self) -> int:
-        return len(self.records)
+    def item(self, key: int, record: Record, data: bytes, seed: int | None = None) -> dict:
+        """The item of `record`, whose image is `data`; `key` names the image in the cache."""
+        if (label := self.class_index.get(record.sku)) is None:
+            raise ValueError(f"{record.image}: SKU {record.sku!r} is not one of the model's classes")
+        ids = self.encode_title(record.title) if self.encode_title is not None and record.title else []
+        return {"pixels": self.pixels(key, record, data, seed), "label": label,
+                "tokens": torch.as_tensor(ids, dtype=torch.long)}
 
-    def _uri(self, record) -> str:
-        return record.image if storage.is_s3(record.image) else storage.join(self.root, record.image)
-
-    def decoded(self, index: int) -> torch.Tensor:
-        """uint8 [3, H, W]: record `index`'s image as stored, from the cache or decoded (and cached when
-        it fits)."""
-        if (cached := self.cache.get(index)) is not None:
+    def decoded(self, key: int, record: Record, data: bytes) -> torch.Tensor:
+        """uint8 [3, H, W]: the image as stored, from the cache or decoded (and cached when it fits)."""
+        if (cached := self.cache.get(key)) is not None:
             return cached
-        uri = self._uri(self.records[index])
         try:
-            out = decode_pixels(storage.read_bytes(uri))
+            out = decode_pixels(data)
         except ImageError as exc:
-            raise ImageError(f"{uri}: {exc}") from None
+            raise ImageError(f"{record.image}: {exc}") from None
         if self.cached_bytes + out.nbytes <= self._cache_budget():
-            self.cache[index] = out
+            self.cache[key] = out
             self.cached_bytes += out.nbytes
         return out
 
@@ -73,10 +66,10 @@ class ProductDataset(Dataset):
         worker = get_worker_info()  # each worker process holds its own cache
         return self.cache_bytes // (worker.num_workers if worker is not None else 1)
 
-    def pixels(self, index: int, seed: int | None = None) -> torch.Tensor:
-        """uint8 [3, S, S] of record `index`: the whole image, or with `augment` a random crop of it and a
-        flip, resized to S x S (bilinear, antialiased: the resize serving applies)."""
-        x = self.decoded(index)
+    def pixels(self, key: int, record: Record, data: bytes, seed: int | None = None) -> torch.Tensor:
+        """uint8 [3, S, S]: the whole image, or with `augment` a random crop of it and a flip, resized to
+        S x S (bilinear, antialiased: the resize serving applies)."""
+        x = self.decoded(key, record, data)
         height, width = x.shape[1:]
         top, left, h, w, flip = self._crop(height, width, seed) if self.augment else (0, 0, height, width, False)
         size = self.image_size
@@ -99,23 +92,6 @@ class ProductDataset(Dataset):
         h = min(height, max(1, round(height * math.sqrt(scale / ratio))))
         w = min(width, max(1, round(width * math.sqrt(scale * ratio))))
         return int(u * (height - h + 1)), int(v * (width - w + 1)), h, w, flip < 0.5
-
-    def __getitem__(self, key: int | tuple[int, int]) -> dict:
-        index, seed = key if isinstance(key, tuple) else (key, None)
-        record = self.records[index]
-        ids = self.encode_title(record.title) if self.encode_title is not None and record.title else []
-        return {"pixels": self.pixels(index, seed), "label": self.labels[index],
-                "tokens": torch.as_tensor(ids, dtype=torch.long)}
-
-
-class SeededSampler(DistributedSampler):
-    """A DistributedSampler whose indices come paired with the seed of their augmentation (`ProductDataset`'s
-    key). An image's seed depends only on (`seed`, epoch, index), so its crop is the same on any number of
-    workers or ranks, and a resumed run repeats it."""
-
-    def __iter__(self) -> Iterator[tuple[int, int]]:
-        seeds = np.random.default_rng([self.seed, self.epoch]).integers(2 ** 63, size=len(self.dataset)).tolist()
-        return ((index, seeds[index]) for index in super().__iter__())
 
 
 def normalize_batch(pixels: torch.Tensor) -> torch.Tensor:

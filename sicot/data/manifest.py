@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 import stat
 from collections.abc import Iterable
 from concurrent.futures import ThreadPoolExecutor
@@ -69,6 +68,7 @@ class Manifest:
     catalog: list[Record]
     dropped: list[Problem] = field(default_factory=list)
     holdout: list[Record] = field(default_factory=list)
+    shards: dict = field(default_factory=dict)  # split -> [sicot.data.shards.Shard] of a prepared dataset
 
     def classes(self) -> list[str]:
         """Sorted unique training SKUs; a class's index is its position here."""
@@ -246,8 +246,9 @@ class _ImageChecker:
 
 
 def load_manifest(root: str, on_bad_record: str = "error", verify_images: bool = True,
-                  image_prefixes: Iterable[str] = ()) -> Manifest:
+                  image_prefixes: Iterable[str] = (), check_images: bool = True) -> Manifest:
     """Read and validate the dataset at `root`; s3:// images may also lie under `image_prefixes`.
+    Each image is decoded (`verify_images`), only looked for, or not looked at (not `check_images`).
 
     Raises DatasetError listing every problem (mode "error"), or only the ones that cannot be skipped
     (a missing file, a split left without records) in mode "skip".
@@ -271,8 +272,8 @@ def load_manifest(root: str, on_bad_record: str = "error", verify_images: bool =
             files[kind] = rows
             bad += problems
 
-    checker = _ImageChecker(root, verify_images)
-    verdict = checker.check_all({r.image for rows in files.values() for _, r in rows if r.image})
+    verdict = _ImageChecker(root, verify_images).check_all(
+        {r.image for rows in files.values() for _, r in rows if r.image}) if check_images else {}
     kept: dict[str, list[Record]] = {}
     first_seen: dict[tuple[str, str], str] = {}
     catalog_skus: dict[str, int] = {}
@@ -330,52 +331,3 @@ def load_manifest(root: str, on_bad_record: str = "error", verify_images: bool =
     records = {k: [r for _, r in v] for k, v in kept.items()}
     return Manifest(root=root, train=records["train"], val=records["val"], test=records["test"],
                     catalog=records[CATALOG], dropped=bad, holdout=records.get(HOLDOUT, []))
-
-
-def _local_image_path(manifest: Manifest, record: Record) -> str:
-    """Where an image lands in a written dataset: its own relative path (also for an s3:// image under the
-    dataset's own prefix), or `images/s3/<bucket>/<key>` for one under another allowed prefix."""
-    if not storage.is_s3(record.image):
-        return PurePosixPath(record.image.replace("\\", "/")).as_posix()
-    if _under(record.image, manifest.root):
-        return record.image[len(manifest.root.rstrip("/")) + 1:]
-    return "images/s3/" + record.image[len("s3://"):]
-
-
-def _place(src: str, dest: Path) -> None:
-    dest.parent.mkdir(parents=True, exist_ok=True)
-    if storage.is_s3(src):
-        storage.local_copy(src, dest)
-        return
-    try:
-        os.link(src, dest)  # same filesystem: no bytes copied
-    except OSError:
-        shutil.copy2(src, dest)
-
-
-def write_manifest(manifest: Manifest, out_dir: str | Path) -> None:
-    """Write `manifest` as a contract dataset in the local directory `out_dir`, with labels.json.
-
-    Images keep their relative paths (hard-linked when possible); s3:// images are copied under
-    images/s3/ and their records point there, so the written directory stands alone.
-    """
-    out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    placed: set[str] = set()
-    for kind, records in manifest.splits().items():
-        lines = []
-        for record in records:
-            if record.image:
-                rel = _local_image_path(manifest, record)
-                dest = out / rel
-                if not dest.resolve().is_relative_to(out.resolve()):  # load_manifest refuses such paths
-                    raise DatasetError(manifest.root, [Problem(kind + ".jsonl", 0, f"image {record.image!r} "
-                                                               "would be written outside the dataset")])
-                if rel not in placed:
-                    _place(manifest.image_uri(record), dest)
-                    placed.add(rel)
-                record = Record(image=rel, sku=record.sku, title=record.title, tags=record.tags)
-            lines.append(record.to_json() + "\n")
-        (out / f"{kind}.jsonl").write_text("".join(lines), encoding="utf-8")
-    (out / "labels.json").write_text(json.dumps({"classes": manifest.classes()}, ensure_ascii=False, indent=1) + "\n",
-                                     encoding="utf-8")
