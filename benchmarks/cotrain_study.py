@@ -140,7 +140,7 @@ def prepare_set(workdir: Path, set_name: str, common: list[str]) -> None:
 def split_metrics(recognizer, manifest, split, params, device) -> dict:
     from sicot.data.dataset import ProductImages
     from sicot.data.longtail import class_counts
-    from sicot.data.shards import ShardStream
+    from sicot.data.stream import ShardStream
     from sicot.evaluate import predict, summarize
 
     index = {sku: i for i, sku in enumerate(recognizer.classes)}

@@ -34,7 +34,8 @@ from torchvision.transforms import v2
 
 from sicot.data.dataset import CROP_AREA, CROP_LOG_RATIO, ProductImages, collate, normalize_batch
 from sicot.data.manifest import Record
-from sicot.data.shards import ShardStream, ShardWriter
+from sicot.data.shards import ShardWriter
+from sicot.data.stream import ShardStream
 
 SIZE = 224
 

@@ -159,7 +159,7 @@ def score(model_uri: str, params: Params, manifest, device: torch.device):
     A classifier over `evaluate.max_classifier_mb` is scored block by block from its files."""
     from sicot.data.dataset import ProductImages
     from sicot.data.longtail import class_counts
-    from sicot.data.shards import ShardStream
+    from sicot.data.stream import ShardStream
     from sicot.model.recognizer import Recognizer
 
     recognizer = Recognizer.load(model_uri, max_classifier_mb=params.evaluate.max_classifier_mb)

@@ -46,7 +46,7 @@ from torch.utils.data import DataLoader
 from sicot import storage, torchfile, tracking
 from sicot.config import Params
 from sicot.data.dataset import ProductImages
-from sicot.data.shards import ShardStream
+from sicot.data.stream import ShardStream
 from sicot.model.backbone import create_backbone
 from sicot.model.classifier import ReplicatedClassifier
 from sicot.model.recognizer import Recognizer, save_sharded

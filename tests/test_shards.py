@@ -13,7 +13,8 @@ from sicot import storage
 from sicot.data.dataset import ProductImages, collate
 from sicot.data.manifest import load_manifest
 from sicot.data.prepared import load_prepared, write_prepared
-from sicot.data.shards import ShardError, ShardStream, rank_pieces, split_images
+from sicot.data.shards import ShardError, split_images
+from sicot.data.stream import ShardStream, rank_pieces
 from tests.test_manifest import LONG_TITLE, SKUS, make_dataset
 
 PER_CLASS = (13, 9, 7)  # 29 training images
@@ -157,7 +158,7 @@ def test_each_rank_reads_only_its_own_shards(prepared, monkeypatch):
 
 
 def test_the_shuffle_buffer_bounds_what_a_worker_holds(prepared, monkeypatch):
-    from sicot.data import shards
+    from sicot.data import stream as shards
 
     held = []
     real = shards._shuffled

@@ -343,7 +343,7 @@ def test_title_anchors_are_folded_into_the_exported_image_only_model(tiny_world,
     the validation split exactly as the training run scored it."""
     from sicot.data.dataset import ProductImages
     from sicot.data.prepared import load_prepared
-    from sicot.data.shards import ShardStream
+    from sicot.data.stream import ShardStream
     from sicot.evaluate import predict
 
     params = tiny_world.params(tmp_path, "train.mode=sicot", "train.title_anchors=true", "train.word_loss=1")
