@@ -51,7 +51,8 @@ class Deployment:
     env: dict[str, str]
 
     def image(self, record: dict) -> bytes:
-        return (Path(self.params.paths.prepared) / record["image"]).read_bytes()
+        """The photo as the user has it: the generated world's file (the prepared dataset holds it in a shard)."""
+        return (Path(self.params.paths.raw) / record["image"]).read_bytes()
 
     def recognition(self, **limits):
         """The service with the deployment's serve params, `limits` overriding some of them."""
