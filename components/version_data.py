@@ -35,11 +35,13 @@ def local_cache() -> Path:
 
 
 def _dvc(repo: Path, *args: str) -> None:
-    # `dvc init` runs before the project's config (analytics = false) exists: no usage-report daemon either way
+    # `dvc init` runs before the project's config (analytics = false) exists: no usage-report daemon either way.
+    # No --quiet: it silences DVC's error messages too, and the output is captured anyway.
     proc = subprocess.run([sys.executable, "-m", "dvc", *args], cwd=repo, capture_output=True, text=True,
                           env={**os.environ, "DVC_NO_ANALYTICS": "1"})
     if proc.returncode != 0:
-        raise VersionError(f"dvc {' '.join(args)} failed (exit {proc.returncode}): {proc.stderr.strip()[-2000:]}")
+        said = (proc.stderr or proc.stdout).strip()[-2000:]
+        raise VersionError(f"dvc {' '.join(args)} failed (exit {proc.returncode}): {said}")
 
 
 def _link_tree(src: Path, dest: Path) -> None:
@@ -79,12 +81,12 @@ def version(directory: str, remote: str = "") -> dict:
     with tempfile.TemporaryDirectory(prefix="sicot-dvc-") as tmp:
         repo = Path(tmp)
         _link_tree(src, repo / "out")
-        _dvc(repo, "init", "--no-scm", "--quiet")
+        _dvc(repo, "init", "--no-scm")
         (repo / ".dvc" / "config").write_text(_config(cache, remote))
-        _dvc(repo, "add", "--quiet", "out")
+        _dvc(repo, "add", "out")
         md5 = yaml.safe_load((repo / "out.dvc").read_text())["outs"][0]["md5"]
         if remote:
-            _dvc(repo, "push", "--quiet")
+            _dvc(repo, "push")
     odb = (remote if storage.is_s3(remote) else str(Path(remote).resolve())) if remote else str(cache)
     return {"directory": directory, "md5": md5, "uri": storage.dvc_tree_uri(odb, md5), "remote": remote or None}
 

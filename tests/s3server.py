@@ -87,7 +87,10 @@ def _command(data_dir: Path, ports: dict[str, int]) -> list[str]:
            f"-s3.config={data_dir / 'identities.json'}", "-admin.ui=false", "-webdav=false",
            "-s3.port.iceberg=0", "-s3.port.lance=0", "-master.telemetry=false",
            # without this, deleting a non-empty bucket silently succeeds
-           "-s3.allowDeleteBucketNotEmpty=false"]
+           "-s3.allowDeleteBucketNotEmpty=false",
+           # every bucket takes volumes of its own; the default cap (free disk / volume size) refuses
+           # writes after ~20 buckets on a machine with 24 GB free. Volumes are sparse, so a high cap costs no disk.
+           "-volume.max=1000"]
     for name in _SERVICES:
         cmd += [f"-{name}.port={ports[name]}", f"-{name}.port.grpc={ports[name + '.grpc']}"]
     return cmd

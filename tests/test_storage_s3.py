@@ -100,3 +100,13 @@ def test_a_store_that_ignores_conditional_writes_is_refused(s3_bucket, monkeypat
         storage.swap(uri, b"last writer", expected=None)
     assert storage.read_bytes(uri) == b"published"
     assert storage.list_keys(s3_bucket) == [uri]  # the probe cleans up after itself
+
+
+def test_the_test_server_takes_writes_into_as_many_buckets_as_a_test_run_makes(s3_server):
+    # every bucket takes a volume; SeaweedFS's default cap (free disk / volume size) refused writes after
+    # ~20 buckets on a disk with 24 GB free, failing whichever test came last
+    client = s3_server.client()
+    for _ in range(40):
+        bucket = s3_server.new_bucket("many")
+        client.put_object(Bucket=bucket, Key="k", Body=b"x")
+        assert client.get_object(Bucket=bucket, Key="k")["Body"].read() == b"x"

@@ -5,7 +5,7 @@ import sys
 
 import pytest
 
-from components.version_data import version
+from components.version_data import VersionError, version
 from sicot import storage
 from sicot.data.manifest import load_manifest
 from sicot.data.prepared import load_prepared, write_prepared
@@ -55,3 +55,13 @@ def test_a_version_pushed_to_s3_is_read_from_s3_by_a_process_with_nothing_local(
     size = sum(len(d) for _, _, d in split_images(str(prepared), local.shards["train"]))
     assert out.strip() == f"9 9 {size} {json.dumps(['SKU-A', 'SKU-B', 'SKU-C'])}".replace('"', "'")
     assert list(elsewhere.iterdir()) == []
+
+
+@pytest.mark.services
+def test_a_push_the_store_refuses_names_the_cause(tmp_path, s3_bucket, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    prepared = tmp_path / "prepared"
+    write_prepared(load_manifest(str(make_dataset(tmp_path / "ds"))), prepared)
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "not-the-secret")
+    with pytest.raises(VersionError, match=r"dvc push failed \(exit \d+\): ERROR: .*Forbidden"):
+        version(str(prepared), remote=f"{s3_bucket}/dvc")
