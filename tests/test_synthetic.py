@@ -39,6 +39,27 @@ def test_same_seed_same_bytes_different_seed_different(tmp_path):
     assert shared_images and sum(a[k] != c[k] for k in shared_images) > 0.9 * len(shared_images)
 
 
+def test_the_bytes_do_not_depend_on_how_many_processes_render_them(tmp_path, monkeypatch):
+    from sicot.data import worldgen
+
+    monkeypatch.setattr(worldgen, "_BLOCK", 3)  # 5 blocks of SKUs
+    monkeypatch.setattr(worldgen.os, "sched_getaffinity", lambda pid: {0, 1, 2}, raising=False)
+    generate(tmp_path / "three", tiny(skus=14, holdout_skus=1))
+    monkeypatch.setattr(worldgen.os, "sched_getaffinity", lambda pid: {0}, raising=False)
+    generate(tmp_path / "one", tiny(skus=14, holdout_skus=1))
+    assert files(tmp_path / "three") == files(tmp_path / "one")
+
+
+def test_a_failing_render_leaves_no_world_behind(tmp_path, monkeypatch):
+    from sicot.data import worldgen
+
+    monkeypatch.setattr(worldgen, "_BLOCK", 3)
+    monkeypatch.setattr(worldgen, "save_png", lambda img, path: (_ for _ in ()).throw(OSError(f"{path}: disk full")))
+    with pytest.raises(OSError, match="disk full"):
+        generate(tmp_path / "w", tiny())
+    assert list(tmp_path.iterdir()) == []
+
+
 def test_regenerating_replaces_the_whole_directory(tmp_path):
     out = tmp_path / "raw"
     generate(out, tiny(skus=16))
