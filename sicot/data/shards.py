@@ -12,6 +12,7 @@ from __future__ import annotations
 import hashlib
 import io
 import json
+import sys
 import tarfile
 from collections.abc import Iterator
 from dataclasses import asdict, dataclass
@@ -144,7 +145,8 @@ def read_pieces(root: str, shards: list[Shard], pieces: list[Piece]) -> Iterator
 def _record(raw: bytes, uri: str, name: str) -> Record:
     try:
         obj = json.loads(raw)
-        return Record(image=obj["image"], sku=obj["sku"], title=obj["title"], tags=tuple(obj["tags"]))
+        return Record(image=obj["image"], sku=sys.intern(obj["sku"]), title=obj["title"],
+                      tags=tuple(map(sys.intern, obj["tags"])))
     except (ValueError, TypeError, KeyError) as exc:
         raise ShardError(f"{uri}: member {name!r} is not a record ({exc!r}); re-run prepare_data") from None
 
