@@ -50,6 +50,21 @@ def test_the_bytes_do_not_depend_on_how_many_processes_render_them(tmp_path, mon
     assert files(tmp_path / "three") == files(tmp_path / "one")
 
 
+def test_two_worlds_generated_at_once_in_one_process_are_each_their_own(tmp_path, monkeypatch):
+    from concurrent.futures import ThreadPoolExecutor
+
+    from sicot.data import worldgen
+
+    monkeypatch.setattr(worldgen, "_BLOCK", 3)
+    monkeypatch.setattr(worldgen.os, "sched_getaffinity", lambda pid: {0, 1}, raising=False)
+    with ThreadPoolExecutor(2) as pool:  # as a flow runs two tasks
+        list(pool.map(lambda seed: generate(tmp_path / f"together{seed}", tiny(seed=seed)), (0, 1)))
+    generate(tmp_path / "alone0", tiny(seed=0))
+    generate(tmp_path / "alone1", tiny(seed=1))
+    assert files(tmp_path / "together0") == files(tmp_path / "alone0")
+    assert files(tmp_path / "together1") == files(tmp_path / "alone1")
+
+
 def test_a_failing_render_leaves_no_world_behind(tmp_path, monkeypatch):
     from sicot.data import worldgen
 

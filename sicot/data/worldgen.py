@@ -294,10 +294,8 @@ def write_world(out_dir: str | Path, cfg, build: Callable[[Any, np.random.Genera
     return stats
 
 
-# Filled in the parent just before the worker processes fork, so they inherit the world (its closures do
-# not pickle) instead of receiving it.
-_JOB: tuple = ()
 _BLOCK = 64  # SKUs per task: big enough to amortise a task's overhead, small enough to balance the workers
+_job: tuple = ()  # (world, plans, seed, out) of the rendering in progress in this worker process
 
 
 def _render_all(world: World, plans: list, seed: int, out: Path) -> Iterator[list[tuple[str, str]]]:
@@ -305,26 +303,29 @@ def _render_all(world: World, plans: list, seed: int, out: Path) -> Iterator[lis
 
     Blocks of SKUs render in worker processes, one per CPU: each SKU's images come from its own seeded
     Generator, so the bytes are the same whatever the number of workers (1.1M images at 64 px take ~75
-    CPU-minutes). Where `fork` is unavailable, they render in this process."""
-    global _JOB
+    CPU-minutes). The workers are forked and inherit the world (its closures do not pickle); where `fork`
+    is unavailable, the blocks render in this process."""
+    job = (world, plans, seed, out)
     blocks = [range(start, min(start + _BLOCK, len(plans))) for start in range(0, len(plans), _BLOCK)]
     workers = min(len(blocks), len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count())
-    _JOB = (world, plans, seed, out)
+    if workers < 2 or "fork" not in multiprocessing.get_all_start_methods():
+        yield from (_render_block(block, job) for block in blocks)
+        return
+    pool = ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("fork"),
+                               initializer=_start_worker, initargs=(job,))  # forked: initargs are not pickled
     try:
-        if workers < 2 or "fork" not in multiprocessing.get_all_start_methods():
-            yield from map(_render_block, blocks)
-            return
-        pool = ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("fork"))
-        try:
-            yield from pool.map(_render_block, blocks)
-        finally:  # on an error, don't render the blocks still queued
-            pool.shutdown(cancel_futures=True)
-    finally:
-        _JOB = ()
+        yield from pool.map(_render_block, blocks)
+    finally:  # on an error, don't render the blocks still queued
+        pool.shutdown(cancel_futures=True)
 
 
-def _render_block(indices: range) -> list[tuple[str, str]]:
-    world, plans, seed, out = _JOB
+def _start_worker(job: tuple) -> None:
+    global _job
+    _job = job
+
+
+def _render_block(indices: range, job: tuple = ()) -> list[tuple[str, str]]:
+    world, plans, seed, out = job or _job
     lines = []
     for index in indices:
         sku, rng = world.skus[index], np.random.default_rng([seed, 1, index])
