@@ -239,14 +239,20 @@ class _ImageChecker:
             return f"image not found: {image}"
         return f"image file is empty: {image}" if info.st_size == 0 else None
 
-    def check_all(self, images: set[str]) -> dict[str, str | None]:
+    def problems(self, images: set[str]) -> dict[str, str]:
+        """The images that fail their check, each with its problem (the good ones are most: not listed)."""
         ordered = sorted(images)
         if self.local_root is not None and not self.verify and not any(map(storage.is_s3, ordered)):
             # a stat or two per image: handing each to a thread pool would cost more than the check
-            return {image: self.check(image) for image in ordered}
-        workers = min(16, 2 * (os.cpu_count() or 1))
+            checked = zip(ordered, map(self.check, ordered))
+            return {image: problem for image, problem in checked if problem}
+        workers, found = min(16, 2 * (os.cpu_count() or 1)), {}
         with ThreadPoolExecutor(max_workers=workers) as pool:
-            return dict(zip(ordered, pool.map(self.check, ordered)))
+            # a block at a time: map() holds a future (~1 KB) per item it was given until the end
+            for start in range(0, len(ordered), 4096):
+                block = ordered[start:start + 4096]
+                found.update((image, problem) for image, problem in zip(block, pool.map(self.check, block)) if problem)
+        return found
 
 
 def load_manifest(root: str, on_bad_record: str = "error", verify_images: bool = True,
@@ -276,7 +282,7 @@ def load_manifest(root: str, on_bad_record: str = "error", verify_images: bool =
             files[kind] = rows
             bad += problems
 
-    verdict = _ImageChecker(root, verify_images).check_all(
+    verdict = _ImageChecker(root, verify_images).problems(
         {r.image for rows in files.values() for _, r in rows if r.image}) if check_images else {}
     kept: dict[str, list[Record]] = {}
     first_seen: dict[tuple[str, str], str] = {}

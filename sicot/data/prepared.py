@@ -16,6 +16,7 @@ import shutil
 from collections.abc import Iterable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path, PurePosixPath
+from typing import TextIO
 
 from sicot import storage
 from sicot.data.manifest import CATALOG, DatasetError, Manifest, Problem, Record, _under, load_manifest
@@ -64,28 +65,28 @@ def write_prepared(manifest: Manifest, out_dir: str | Path, shard_images: int = 
     out.mkdir(parents=True, exist_ok=True)
     shards: dict[str, list[Shard]] = {}
     for kind, records in manifest.splits().items():
-        if kind == CATALOG:
-            lines = _write_catalog(manifest, records, out)
-        else:
+        # records are written as they go: a split's lines held and joined would be ~0.7 KB a record
+        with open(out / f"{kind}.jsonl", "w", encoding="utf-8") as lines:
+            if kind == CATALOG:
+                _write_catalog(manifest, records, out, lines)
+                continue
             if kind == "train":
                 records = list(records)
                 random.Random(seed).shuffle(records)
             writer = ShardWriter(out, kind, shard_images, int(shard_mb * 2 ** 20))
-            lines = []
             for record, data in zip(records, _read_all([manifest.image_uri(r) for r in records])):
                 record = dataclasses.replace(record, image=stored_name(manifest, record))
                 writer.add(record, data)
-                lines.append(record.to_json() + "\n")
+                lines.write(record.to_json() + "\n")
             shards[kind] = writer.close()
-        (out / f"{kind}.jsonl").write_text("".join(lines), encoding="utf-8")
     write_index(out, shards)
     (out / "labels.json").write_text(json.dumps({"classes": manifest.classes()}, ensure_ascii=False, indent=1) + "\n",
                                      encoding="utf-8")
 
 
-def _write_catalog(manifest: Manifest, records: Iterable[Record], out: Path) -> list[str]:
+def _write_catalog(manifest: Manifest, records: Iterable[Record], out: Path, lines: TextIO) -> None:
     """Catalog images become files of the prepared dataset (hard-linked when possible), s3:// ones too."""
-    lines, placed = [], set()
+    placed = set()
     for record in records:
         if record.image:
             rel = stored_name(manifest, record)
@@ -97,8 +98,7 @@ def _write_catalog(manifest: Manifest, records: Iterable[Record], out: Path) -> 
                 _place(manifest.image_uri(record), dest)
                 placed.add(rel)
             record = dataclasses.replace(record, image=rel)
-        lines.append(record.to_json() + "\n")
-    return lines
+        lines.write(record.to_json() + "\n")
 
 
 def load_prepared(root: str) -> Manifest:
