@@ -8,6 +8,7 @@ fails to start and can be added to any assertion message (`tails`).
 from __future__ import annotations
 
 import os
+import random
 import signal
 import socket
 import subprocess
@@ -51,6 +52,24 @@ def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
+
+
+def free_port_block(count: int) -> int:
+    """The first of `count` consecutive free loopback ports, for a program that binds them later and in
+    turn (torchrun's node 0: one port per training, the next ones on a retry). They lie below the kernel's
+    ephemeral range, which any outgoing connection may take a port from meanwhile."""
+    ephemeral_low = int(Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()[0])
+    rng = random.Random()
+    for _ in range(100):
+        first = rng.randrange(10_000, ephemeral_low - count)
+        try:
+            for port in range(first, first + count):
+                with socket.socket() as s:
+                    s.bind(("127.0.0.1", port))
+        except OSError:
+            continue
+        return first
+    raise RuntimeError(f"no {count} consecutive free ports below {ephemeral_low}")
 
 
 def start_process(name: str, cmd: list[str], log: Path, env: dict[str, str] | None = None,

@@ -127,7 +127,8 @@ def test_the_pipeline_runs_on_a_cluster_in_miniature(tmp_path, s3_server, mlflow
         overrides = [*tiny_overrides(), "train.epochs=3", "train.fc=sharded", "train.threads=1",
                      f"promote.model_name={MODEL}"]
         parameters = {"overrides": overrides, "params_file": "", "train_deployment": f"sicot-train/{POOL}",
-                      "train_nodes": 2, "train_master": f"127.0.0.1:{services.free_port()}",
+                      # node 0 of each training listens on its own port, a retry on the next two (flows.pipeline)
+                      "train_nodes": 2, "train_master": f"127.0.0.1:{services.free_port_block(4)}",
                       "shard_deployment": f"sicot-publish-shard/{POOL}"}
         started = time.monotonic()
         log = tmp_path / "pipeline.log"
