@@ -9,7 +9,8 @@ Per set and seed: the visual-only baseline and the baseline with logit adjustmen
 `<workdir>/<set>/keep/`, so a second run only scores), then each classifier is scored on the same
 features of the validation and test photos (top-1 overall / head / tail, %):
 
-- `W`: the trained classifier; `W - log prior`: post-hoc logit adjustment (baseline only);
+- `W`: the trained classifier (of the baseline, the baseline with logit adjustment, or co-training as shipped,
+  `--configs`); `W - log prior`: post-hoc logit adjustment (baseline only);
 - `NCM`: cosine to each class's mean normalised training feature;
 - `title tail`: NCM whose tail classes' means are predicted from their titles alone: word detectors U fitted
   by ridge regression (weighted by photos, `--ridge`) from the head classes' idf-weighted title words
@@ -30,7 +31,8 @@ import torch.nn.functional as F
 from benchmarks.cotrain_study import LA, SOURCE, _params, prepare_set, pretrain_backbone
 from benchmarks.side_info_study import BUDGETS
 
-CONFIGS = {"baseline": ["train.mode=baseline"], "baseline_la": ["train.mode=baseline", *LA]}
+CONFIGS = {"baseline": ["train.mode=baseline"], "baseline_la": ["train.mode=baseline", *LA],
+           "sicot": ["train.mode=sicot"]}
 
 
 def features(recognizer, manifest, split: str) -> tuple[torch.Tensor, torch.Tensor]:
@@ -84,6 +86,8 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--sets", nargs="+", default=["informative"])
     p.add_argument("--seeds", type=int, nargs="+", default=[0])
     p.add_argument("--ridge", type=float, default=1.0)
+    p.add_argument("--configs", nargs="+", default=list(CONFIGS), choices=list(CONFIGS),
+                   help="whose features: the visual-only baseline, with logit adjustment, co-trained (as shipped)")
     args = p.parse_args(argv)
     torch.set_num_threads(1)
     from sicot.data.prepared import load_prepared
@@ -96,11 +100,12 @@ def main(argv: list[str] | None = None) -> None:
     for set_name in args.sets:
         prepare_set(workdir, set_name, common)
         for seed in args.seeds:
-            for config, overrides in CONFIGS.items():
+            for config in args.configs:
+                overrides = CONFIGS[config]
                 out = workdir / set_name / "keep" / f"{config}-s{seed}"
                 params = _params(workdir, set_name, [*common, *overrides, *BUDGETS[""], f"train.seed={seed}",
                                                      f"paths.models={out}"])
-                model = out / "baseline" / "model.pt"
+                model = out / params.train.mode / "model.pt"
                 if not model.exists():
                     run_training(params, track=False)
                 recognizer = Recognizer.load(str(model))
