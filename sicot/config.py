@@ -113,9 +113,9 @@ class Word2Vec:
 
 @dataclass
 class Train:
-    """How a model is trained. The demo's params.yaml trains resnet18 at 32 px: the baseline and SICoT in
-    about 4 minutes on 2 CPU cores. The paper's GPU setup: backbone resnet50, image_size 224, feature_dim
-    2048, batch_size 256 (and data.image_size >= 224)."""
+    """How a model is trained. The demo's params.yaml trains resnet18 at 32 px: the baseline and SICoT side by
+    side in about 10 minutes on 2 CPU cores (~50 images/s each). The paper's GPU setup: backbone resnet50,
+    image_size 224, feature_dim 2048, batch_size 256 (and data.image_size >= 224)."""
     mode: str = opt("sicot", choices=("baseline", "sicot"),
                     help="baseline: visual stream alone; sicot: co-trained with the titles")
     backbone: str = opt("resnet18", help="torchvision ResNet from sicot.model.backbone's registry, e.g. resnet18, "

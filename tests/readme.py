@@ -33,7 +33,7 @@ README = REPO / "README.md"
 RUN, ELSEWHERE = "bash", "bash your-infra"
 SETUP = re.compile(r"^bin/setup(?: [^&]*)? && (.*)$")  # a set-up line: `bin/setup [options] && command`
 THIS_SUITE = ".venv/bin/python -m pytest"
-BLOCK_TIMEOUT_S = 1800  # the demo pipeline: 4-8 min on an idle 2-core machine, far more on a busy one
+BLOCK_TIMEOUT_S = 1800  # the demo pipeline: ~12 min on an idle 2-core machine, far more on a busy one
 FENCE = re.compile(r"^(```|~~~)(.*)$")
 
 
