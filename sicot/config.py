@@ -144,6 +144,11 @@ class Train:
                                           "head products; folded into W at export (docs/method.md)")
     logit_adjust_tau: float = opt(0.0, ge=0.0, help="τ of logit adjustment in the loss (Menon et al.: "
                                                     "logits + τ·log prior); 0 = off")
+    classifier_rows: str = opt("trained", choices=("trained", "class_means"),
+                               help="the exported classifier's rows: the trained W, or each class's mean "
+                                    "normalised training feature (nearest class mean: every class counts the "
+                                    "same whatever its photos, the largest tail gain measured; one more pass "
+                                    "over the training photos; docs/method.md)")
     epochs: int = opt(12, ge=1, help="training epochs")
     batch_size: int = opt(64, ge=1, help="training images per step in each process")
     lr: float = opt(0.1, gt=0.0, help="SGD learning rate of the first epoch")

@@ -45,9 +45,10 @@ from torch.utils.data import DataLoader
 
 from sicot import storage, torchfile, tracking
 from sicot.config import Params
-from sicot.data.dataset import ProductImages
+from sicot.data.dataset import ProductImages, collate
 from sicot.data.stream import ShardStream
 from sicot.model.backbone import create_backbone
+from sicot.model.class_means import class_feature_sums, class_mean_rows
 from sicot.model.classifier import ReplicatedClassifier
 from sicot.model.recognizer import Recognizer, save_sharded
 from sicot.model.sicot import CoTraining, SICoT
@@ -472,8 +473,6 @@ def make_optimizer(params: Params, model: SICoT, fused: bool):
 
 
 def make_loaders(params: Params, data: TrainingData, process: TrainingProcess):
-    from sicot.data.dataset import collate
-
     batch_size, workers, val_batch = params.train.batch_size, params.train.workers, params.evaluate.batch_size
     train = ShardStream(data.train, data.prepared, data.shards["train"], batch_size, rank=process.rank,
                         ranks=process.world_size, shuffle=True, drop_last=True, seed=params.train.seed,
@@ -507,6 +506,36 @@ def log_prior_of(data: TrainingData, params: Params, device: torch.device) -> to
     return (counts / counts.sum()).log().float()
 
 
+@torch.no_grad()
+def exported_rows(training: TrainingSetup, data: TrainingData) -> torch.Tensor:
+    """This rank's rows of the exported W: the trained rows with the title anchors folded in (the export is
+    image-only), or the class means of the training photos (`train.classifier_rows`); collective."""
+    params, model, process = training.params, training.model, training.process
+    trained = model.classifier.rows(model.row_offsets()).detach()
+    if params.train.classifier_rows == "trained":
+        return trained
+    # Every photo once, unaugmented, each rank its own shards (the training stream pads ranks to equal runs).
+    images = ProductImages(data.train.class_index, params.train.image_size)
+    mine = data.shards["train"][process.rank::process.world_size]
+    stream = ShardStream(images, data.prepared, mine, params.evaluate.batch_size)
+    loader = DataLoader(stream, batch_size=params.evaluate.batch_size, collate_fn=collate,
+                        num_workers=params.train.workers)
+
+    def features_of(images: torch.Tensor) -> torch.Tensor:
+        with torch.autocast(process.device.type, dtype=torch.bfloat16, enabled=training.amp):
+            return model.backbone(images)
+
+    batches = ((b["image"], b["label"]) for b in map(training.to_device, loader))
+    sums, counts = class_feature_sums(features_of, batches, model.classifier.class_range, model.dim,
+                                      process.device, training.group)
+    found = torch.stack([counts.sum(), (counts == 0).sum()])
+    if is_sharded(model):
+        dist.all_reduce(found, group=training.group)
+    say(process, f"classifier rows: the class means of {found[0]} training photos ({found[1]} classes without "
+                 "photos keep their trained rows)")
+    return class_mean_rows(trained, sums, counts, training.group)
+
+
 def write_outputs(training: TrainingSetup, data: TrainingData, history: list, out_dir: str) -> dict:
     """model.pt (Recognizer), text_encoder.pt (SICoT) and history.json; collective. Rank 0 writes, except a
     class-sharded W, which each rank writes itself (`classifier_shards`: their files, on rank 0)."""
@@ -519,16 +548,14 @@ def write_outputs(training: TrainingSetup, data: TrainingData, history: list, ou
     if model.text_encoder is not None:
         outputs["text_encoder"] = storage.join(out_dir, "text_encoder.pt")
     arch = {"backbone": params.train.backbone, "feature_dim": model.dim}
-    # Title anchors are folded into W's rows: the export is image-only.
+    rows = exported_rows(training, data)
     if is_sharded(model) and model.classifier.world_size > 1:
-        files = save_sharded(outputs["model"], model.backbone, model.classifier.rows(model.row_offsets()),
-                             model.classifier.class_range[0], data.classes, params.train.image_size, arch,
-                             model.classifier.group)
+        files = save_sharded(outputs["model"], model.backbone, rows, model.classifier.class_range[0], data.classes,
+                             params.train.image_size, arch, model.classifier.group)
         outputs["classifier_shards"] = files[1:] if training.process.is_main else []
-    else:
-        weight = model.classifier.full_weight(model.row_offsets()).detach().cpu()  # a collective when sharded
-        if training.process.is_main:
-            Recognizer(model.backbone, weight, data.classes, params.train.image_size, arch).save(outputs["model"])
+    elif training.process.is_main:  # one process holds all of W's rows
+        Recognizer(model.backbone, rows.detach().cpu(), data.classes, params.train.image_size,
+                   arch).save(outputs["model"])
     if training.process.is_main:
         if model.text_encoder is not None:
             save_text_encoder(model.text_encoder, params.train.text_encoder, data.vocab,

@@ -357,6 +357,30 @@ def title_words_match_single_process(rank, world, root):
     close(weight, ref.classifier.full_weight(ref.row_offsets()).detach(), "folded classifier", rtol=1e-4, atol=1e-5)
 
 
+def class_means_match_single_process(rank, world, root):
+    """The class-means rows of a sharded W, each rank streaming a different number of batches (one rank
+    none at all on 3 ranks), equal one process's means over all photos; a class without photos keeps its
+    trained row, and the scale is the mean norm of all trained rows."""
+    from sicot.model.class_means import class_feature_sums, class_mean_rows
+    from sicot.parallel.sharded_classifier import shard_range
+
+    gen = torch.Generator().manual_seed(7)
+    x, y = torch.randn(23, DIM, generator=gen), torch.randint(0, CLASSES - 1, (23,), generator=gen)  # last class: none
+    trained = torch.randn(CLASSES, DIM, generator=gen)
+    cuts = {1: [0, 23], 2: [0, 15, 23], 3: [0, 23, 23, 23]}[world]  # rank r streams photos cuts[r]:cuts[r + 1]
+    lo, hi = shard_range(CLASSES, world, rank)
+    mine = range(cuts[rank], cuts[rank + 1])
+    batches = [(x[i:min(i + 4, mine.stop)], y[i:min(i + 4, mine.stop)]) for i in range(mine.start, mine.stop, 4)]
+    sums, counts = class_feature_sums(lambda images: images, batches, (lo, hi), DIM, torch.device("cpu"))
+    rows = class_mean_rows(trained[lo:hi], sums, counts)
+
+    means = torch.zeros(CLASSES, DIM).index_add_(0, y, F.normalize(x, dim=-1))
+    expected = F.normalize(means, dim=1) * trained.norm(dim=1).mean()
+    expected[CLASSES - 1] = trained[CLASSES - 1]
+    close(counts, torch.bincount(y, minlength=CLASSES)[lo:hi], "photo counts")
+    close(rows, expected[lo:hi], "class-means rows", rtol=1e-5, atol=1e-5)
+
+
 SCENARIOS = {
     "loss_and_grads": (loss_and_grads, (1, 2, 3)),
     "grads_without_ddp_scaling": (grads_without_ddp_scaling, (2, 3)),
@@ -375,6 +399,7 @@ SCENARIOS = {
     "checkpoint_mismatch": (checkpoint_mismatch, (3,)),
     "ddp_sgd_matches_single_process": (ddp_sgd_matches_single_process, (1, 2, 3)),
     "title_words_match_single_process": (title_words_match_single_process, (1, 2, 3)),
+    "class_means_match_single_process": (class_means_match_single_process, (1, 2, 3)),
 }
 
 

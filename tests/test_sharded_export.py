@@ -10,6 +10,7 @@ import pytest
 import torch
 import torch.multiprocessing as mp
 
+from sicot.data.prepared import load_prepared
 from sicot.model.block_topk import blockwise_topk
 from sicot.model.recognizer import Recognizer, RecognizerError
 from tests.parallel_workers import EXPORT_CLASSES, export_sharded, free_port
@@ -179,9 +180,9 @@ def test_a_missing_or_foreign_shard_is_named(exported, tmp_path):
 
 @pytest.mark.slow
 def test_a_two_rank_training_run_exports_and_logs_a_sharded_model(tiny_world, tmp_path):
-    """torchrun, 2 ranks, class-sharded SICoT with title anchors: the model directory and the MLflow run
-    hold model.pt and both shards, and evaluation under a tiny memory setting scores what the
-    consolidated model scores."""
+    """torchrun, 2 ranks, class-sharded SICoT with title anchors and class-means rows: each training photo
+    is counted once, the model directory and the MLflow run hold model.pt and both shards, and evaluation
+    under a tiny memory setting scores what the consolidated model scores."""
     import mlflow
 
     from sicot.evaluate import evaluate_model_file
@@ -190,10 +191,12 @@ def test_a_two_rank_training_run_exports_and_logs_a_sharded_model(tiny_world, tm
 
     tracking_uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
     params = tiny_world.params(tmp_path, "train.mode=sicot", "train.fc=sharded", "train.title_anchors=true",
-                               "train.epochs=1")
+                               "train.classifier_rows=class_means", "train.epochs=1")
     node, = train_on_nodes(params, [tmp_path / "node"], nproc_per_node=2, track=True,
                            env={"MLFLOW_TRACKING_URI": tracking_uri})
     assert node.returncode == 0, node.stderr[-3000:]
+    photos = len(load_prepared(params.paths.prepared).train)
+    assert f"class means of {photos} training photos (0 classes without photos" in node.stderr
     out = tmp_path / "models/sicot"
     shards = ["model-classifier-0-of-2.pt", "model-classifier-1-of-2.pt"]
     assert all((out / name).is_file() for name in shards)

@@ -338,6 +338,31 @@ def test_tf32_is_set_for_a_cuda_device(tiny_world, tmp_path, tf32, precision):
         torch.use_deterministic_algorithms(before[3], warn_only=True)
 
 
+def test_class_means_are_the_exported_rows(tiny_world, tmp_path):
+    """`train.classifier_rows: class_means`: each exported row is the class's mean normalised feature of its
+    unaugmented training photos, at the mean norm of the trained rows the checkpoint keeps."""
+    import torch.nn.functional as F
+    from torch.utils.data import DataLoader
+
+    from sicot.data.dataset import ProductImages, collate
+    from sicot.data.prepared import load_prepared
+    from sicot.data.stream import ShardStream
+
+    params = tiny_world.params(tmp_path, "train.mode=baseline", "train.classifier_rows=class_means", "train.epochs=1")
+    out = run_training(params, track=False)
+    recognizer = Recognizer.load(out["model"])
+    trained = torchfile.load(out["checkpoint"], "checkpoint")["model"]["classifier.weight"]
+    manifest = load_prepared(params.paths.prepared)
+    index = {sku: i for i, sku in enumerate(recognizer.classes)}
+    stream = ShardStream(ProductImages(index, params.train.image_size), manifest.root, manifest.shards["train"], 64)
+    with torch.no_grad():
+        batches = [(recognizer.backbone(b["image"]), b["label"]) for b in DataLoader(stream, 64, collate_fn=collate)]
+    features, labels = (torch.cat(parts) for parts in zip(*batches))
+    assert torch.bincount(labels, minlength=len(index)).min() > 0
+    means = torch.zeros(len(index), features.shape[1]).index_add_(0, labels, F.normalize(features, dim=-1))
+    expected = F.normalize(means, dim=1) * trained.norm(dim=1).mean()
+    torch.testing.assert_close(recognizer.state_dict()["weight"], expected, rtol=1e-4, atol=1e-5)
+
 def test_title_anchors_are_folded_into_the_exported_image_only_model(tiny_world, tmp_path):
     """The deployed model has no titles: W + the anchors' offsets is what it holds, and it predicts
     the validation split exactly as the training run scored it."""
