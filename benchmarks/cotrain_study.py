@@ -153,6 +153,26 @@ def split_metrics(recognizer, manifest, split, params, device) -> dict:
                      params.evaluate.head_threshold)
 
 
+def class_means_of(recognizer, manifest, params):
+    """The recognizer's rows replaced by its class means over the training photos, as training exports them."""
+    import torch
+    from torch.utils.data import DataLoader
+
+    from sicot.data.dataset import ProductImages, collate
+    from sicot.data.stream import ShardStream
+    from sicot.model.class_means import class_feature_sums, class_mean_rows
+
+    index = {sku: i for i, sku in enumerate(recognizer.classes)}
+    batch_size = params.evaluate.batch_size
+    stream = ShardStream(ProductImages(index, recognizer.image_size), manifest.root, manifest.shards["train"],
+                         batch_size)
+    batches = ((b["image"], b["label"]) for b in DataLoader(stream, batch_size=batch_size, collate_fn=collate))
+    recognizer.eval()
+    sums, counts = class_feature_sums(recognizer.backbone, batches, (0, len(index)), recognizer.weight.shape[1],
+                                      torch.device("cpu"))
+    return class_mean_rows(recognizer.weight, sums, counts)
+
+
 def run_one(job: dict) -> dict:
     """Train one (set, config, seed) and score it on val and test. Runs in a worker process."""
     import torch
@@ -175,6 +195,9 @@ def run_one(job: dict) -> dict:
     row = {k: job[k] for k in ("set", "config", "seed", "overrides")}
     row.update(seconds=round(seconds, 1), val=split_metrics(recognizer, manifest, "val", params, device),
                test=split_metrics(recognizer, manifest, "test", params, device))
+    if job.get("means"):  # the same visual stream with class-mean rows (`train.classifier_rows: class_means`)
+        recognizer.weight = class_means_of(recognizer, manifest, params)
+        row["means"] = {split: split_metrics(recognizer, manifest, split, params, device) for split in ("val", "test")}
     if "text_encoder" in result:  # where the title attention goes (sicot.attention): 1.0 = blind to noise
         from sicot.attention import load_noise_words, measure_noise_attention
         from sicot.model.text_encoders import load_text_encoder
@@ -194,6 +217,7 @@ def run_one(job: dict) -> dict:
 def load_results(path: Path) -> list[dict]:
     """Stored runs, the latest per (set, config, seed): a config whose overrides changed was run again."""
     rows = [json.loads(line) for line in path.read_text().splitlines() if line.strip()] if path.exists() else []
+    rows += [{**r, "config": r["config"] + "+means", **r["means"]} for r in rows if "means" in r]
     return list({(r["set"], r["config"], r["seed"]): r for r in rows}.values())
 
 
