@@ -14,7 +14,11 @@ runs train twice as many epochs with the learning rate ending where the 1x sched
 - `words`: predicting the title's words from the image (`train.word_loss` β = 0.1; β = 1 lets the word
   loss dominate), without the mixed loss;
 - `anchors`: `words` plus classifier rows anchored in those word detectors (`train.title_anchors`);
-- `sicot_anchors`: the paper's co-training plus anchors; every method also with `_la`.
+- `sicot_anchors`: the paper's co-training plus anchors;
+- `distill`: the paper's co-training plus distillation of the mixed stream's soft labels into the visual
+  stream (`train.distill` μ = 1): the title-aware prediction as privileged information;
+
+every method also with `_la`, and every run also scored with class-mean rows (`<config>+means`).
 
 Procedure, choices on validation only (test reported): the screen runs every method at 1x
 (`--screen-seeds`); the pick is the side-information method with the best mean validation top-1 over
@@ -44,6 +48,7 @@ METHODS = {
     "words": [*SICOT, "train.word_loss=0.1", "train.cotrain_weight=0"],
     "anchors": [*SICOT, "train.word_loss=0.1", "train.title_anchors=true", "train.cotrain_weight=0"],
     "sicot_anchors": [*SICOT, "train.word_loss=0.1", "train.title_anchors=true"],
+    "distill": [*SICOT, "train.distill=1"],
 }
 BASELINES = ("baseline", "baseline_la")
 
@@ -92,7 +97,7 @@ def main(argv: list[str] | None = None) -> None:
 
     def jobs(table: dict[str, list[str]], seeds) -> list[dict]:
         return [{"workdir": str(workdir), "set": s, "config": name, "seed": seed, "overrides": overrides,
-                 "common": common[s], "threads": threads}
+                 "common": common[s], "threads": threads, "means": True}
                 for name, overrides in table.items() for seed in seeds for s in args.sets]
 
     if args.configs:
