@@ -142,9 +142,6 @@ class Train:
     title_anchors: bool = opt(False, help="sicot mode: each class's row of W is offset by the word detectors of its "
                                           "titles' words (idf-weighted), so tail rows start from words learned on "
                                           "head products; folded into W at export (docs/method.md)")
-    distill: float = opt(0.0, ge=0.0, help="sicot mode: weight μ of distilling the mixed stream's predictions "
-                                           "(soft labels at temperature 2, ramped up with λ) into the visual "
-                                           "stream's, learning using privileged information; 0 = off")
     logit_adjust_tau: float = opt(0.0, ge=0.0, help="τ of logit adjustment in the loss (Menon et al.: "
                                                     "logits + τ·log prior); 0 = off")
     classifier_rows: str = opt("trained", choices=("trained", "class_means"),

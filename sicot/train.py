@@ -44,7 +44,7 @@ import torch.distributed as dist
 from torch.utils.data import DataLoader
 
 from sicot import storage, torchfile, tracking
-from sicot.config import ConfigError, Params
+from sicot.config import Params
 from sicot.data.dataset import ProductImages, collate
 from sicot.data.stream import ShardStream
 from sicot.model.backbone import create_backbone
@@ -225,10 +225,7 @@ def build_model(params: Params, data: TrainingData, start: StartingPoint, group)
         word_weight = params.train.word_loss
         words = TitleWords(dim, len(data.vocab), class_words, predict=word_weight > 0)
     cotraining = CoTraining(weight=params.train.cotrain_weight, rampup=params.train.cotrain_rampup)
-    if params.train.distill and not isinstance(classifier, ReplicatedClassifier):
-        raise ConfigError("train.distill: not available with a sharded classifier (train.fc: replicated)")
-    return SICoT(backbone, dim, classifier, encoder, cotraining=cotraining, words=words, word_weight=word_weight,
-                 distill=params.train.distill if encoder is not None else 0.0)
+    return SICoT(backbone, dim, classifier, encoder, cotraining=cotraining, words=words, word_weight=word_weight)
 
 
 def fingerprint(params: Params, model: SICoT, data: TrainingData) -> dict:

@@ -34,25 +34,8 @@ class CoTraining:
     weight: float = 1.0
     rampup: int = 0
 
-    def ramp(self, epoch: int) -> float:
-        return min(1.0, epoch / self.rampup) if self.rampup > 0 else 1.0
-
     def weight_at(self, epoch: int) -> float:
-        return self.weight * self.ramp(epoch)
-
-
-DISTILL_TEMPERATURE = 2.0  # Hinton et al.'s softening: the teacher's ranking of the wrong classes carries weight
-
-
-def distillation(student: torch.Tensor, teacher: torch.Tensor, mask: torch.Tensor,
-                 temperature: float = DISTILL_TEMPERATURE) -> torch.Tensor:
-    """KL(teacher || student) of the softened predictions, mean over rows where `mask` is True, times T²
-    (so its gradient keeps the size of a cross-entropy's whatever T)."""
-    if not mask.any():
-        return student.sum() * 0.0
-    t = torch.log_softmax(teacher[mask].detach() / temperature, dim=-1)
-    s = torch.log_softmax(student[mask] / temperature, dim=-1)
-    return (t.exp() * (t - s)).sum(-1).mean() * temperature ** 2
+        return self.weight * min(1.0, epoch / self.rampup) if self.rampup > 0 else self.weight
 
 
 def fuse(v: torch.Tensor, s: torch.Tensor) -> torch.Tensor:
@@ -87,8 +70,7 @@ class Streams(nn.Module):
 class SICoT(nn.Module):
     def __init__(self, backbone: nn.Module, dim: int, classifier: nn.Module,
                  text_encoder: nn.Module | None = None, cotrain_weight: float = 1.0,
-                 cotraining: CoTraining | None = None, words: TitleWords | None = None, word_weight: float = 0.0,
-                 distill: float = 0.0):
+                 cotraining: CoTraining | None = None, words: TitleWords | None = None, word_weight: float = 0.0):
         super().__init__()
         self.dim = dim
         self.streams = Streams(backbone, text_encoder, words)
@@ -96,12 +78,9 @@ class SICoT(nn.Module):
         self.classifier = classifier
         self.cotraining = cotraining or CoTraining(weight=cotrain_weight)
         self.cotrain_weight = self.cotraining.weight  # λ now; the training engine follows the ramp-up
-        self.distill = distill
-        self.distill_weight = distill  # μ now: ramped up with λ (the mixed stream is no teacher before)
 
     def start_epoch(self, epoch: int) -> None:
         self.cotrain_weight = self.cotraining.weight_at(epoch)
-        self.distill_weight = self.distill * self.cotraining.ramp(epoch)
 
     @property
     def backbone(self) -> nn.Module:
@@ -141,10 +120,6 @@ class SICoT(nn.Module):
                                        row_offsets=offsets)
         parts["cotrain"] = cotrain.detach()
         loss = visual + self.cotrain_weight * cotrain
-        if self.distill_weight:
-            adjust = tau * log_prior if tau and log_prior is not None else 0.0
-            logits = lambda f: self.classifier.logits(f, offsets).float() + adjust  # noqa: E731
-            loss = loss + self.distill_weight * distillation(logits(v), logits(fuse(v, s)), has_title)
         if word_logits is not None:
             words = word_loss(word_logits, tokens, has_title)
             parts["words"] = words.detach()
