@@ -388,7 +388,7 @@ def render(rows: list[dict], configs: tuple[str, ...] | None = None) -> str:
             cells = [_ms([_get(r["test"], g, "top1") for r in runs]) for g in GROUPS]
             cells += [_ms([r["test"]["top3"] for r in runs]), _ms([r["test"]["tail"]["top3"] for r in runs])]
             out.append(f"| {name} | {len(runs)} | " + " | ".join(cells) + " |")
-        for reference in ("baseline", "baseline_la"):
+        for reference in ("baseline", "baseline_la", "baseline+means"):
             base = {r["seed"]: r for r in mine if r["config"] == reference}
             if not base:
                 continue
