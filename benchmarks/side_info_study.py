@@ -14,8 +14,12 @@ runs train twice as many epochs with the learning rate ending where the 1x sched
 - `words`: predicting the title's words from the image (`train.word_loss` β = 0.1; β = 1 lets the word
   loss dominate), without the mixed loss;
 - `anchors`: `words` plus classifier rows anchored in those word detectors (`train.title_anchors`);
-- `sicot_anchors`: the paper's co-training plus anchors; every method also with `_la`, and every run
-  also scored with class-mean rows (`<config>+means`, `train.classifier_rows: class_means`).
+- `sicot_anchors`: the paper's co-training plus anchors;
+- `contrast`: image–title contrastive alignment (`train.title_contrast` γ = 0.5), without the mixed loss;
+  `sicot_contrast`: with it. Every method also with `_la`, and every run also scored with class-mean rows
+  (`<config>+means`, `train.classifier_rows: class_means`) and, where titles were read, with rows from the
+  trained title encoder's class prototypes (`<config>+titles_only`, and `+titles<k>`: the class mean with
+  the prototype counted as k more photos; `cotrain_study.title_prototype_rows`).
 
 Distilling the mixed stream's soft labels into the visual stream was screened here too (commit 161bb7e)
 and removed: it lost to the plain baseline (docs/method.md).
@@ -48,6 +52,8 @@ METHODS = {
     "words": [*SICOT, "train.word_loss=0.1", "train.cotrain_weight=0"],
     "anchors": [*SICOT, "train.word_loss=0.1", "train.title_anchors=true", "train.cotrain_weight=0"],
     "sicot_anchors": [*SICOT, "train.word_loss=0.1", "train.title_anchors=true"],
+    "contrast": [*SICOT, "train.title_contrast=0.5", "train.cotrain_weight=0"],
+    "sicot_contrast": [*SICOT, "train.title_contrast=0.5"],
 }
 BASELINES = ("baseline", "baseline_la")
 
