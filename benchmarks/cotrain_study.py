@@ -195,7 +195,8 @@ def title_prototype_rows(recognizer, manifest, text_encoder_uri: str, sums, coun
     with torch.no_grad():
         for i in range(0, len(titled), 512):
             part = titled[i:i + 512]
-            tokens = torch.tensor([vocab.encode(r.title, max_len) for r in part])
+            ids = [vocab.encode(r.title, max_len) for r in part]
+            tokens = torch.tensor([x + [PAD] * (max_len - len(x)) for x in ids])
             s, _ = encoder(tokens, tokens != PAD)
             labels = torch.tensor([index[r.sku] for r in part])
             text_sums.index_add_(0, labels, F.normalize(s.float(), dim=-1))
