@@ -154,8 +154,7 @@ def split_metrics(recognizer, manifest, split, params, device) -> dict:
 
 
 def class_means_of(recognizer, manifest, params):
-    """(rows, sums, counts): the recognizer's rows replaced by its class means over the training photos, as
-    training exports them, and the per-class sums of normalised features and photo counts behind them."""
+    """The recognizer's rows replaced by its class means over the training photos, as training exports them."""
     import torch
     from torch.utils.data import DataLoader
 
@@ -171,41 +170,7 @@ def class_means_of(recognizer, manifest, params):
     recognizer.eval()
     sums, counts = class_feature_sums(recognizer.backbone, batches, (0, len(index)), recognizer.weight.shape[1],
                                       torch.device("cpu"))
-    return class_mean_rows(recognizer.weight, sums, counts), sums, counts
-
-
-TITLE_PSEUDO_PHOTOS = (1, 4)  # weights k of a class's title prototype, in photos, scored post hoc
-
-
-def title_prototype_rows(recognizer, manifest, text_encoder_uri: str, sums, counts) -> dict:
-    """Rows from the class's titles as seen by the trained title encoder: `titles_only` (the normalised mean of
-    s over the class's titled training photos: a prototype no photo built) and `titles<k>` (the class mean
-    with that prototype counted as k more photos: it moves a tail mean, hardly a head one)."""
-    import torch
-    import torch.nn.functional as F
-
-    from sicot.model.class_means import class_mean_rows
-    from sicot.model.text_encoders import load_text_encoder
-    from sicot.text.word2vec import PAD
-
-    encoder, vocab, max_len = load_text_encoder(text_encoder_uri)
-    index = {sku: i for i, sku in enumerate(recognizer.classes)}
-    titled = [r for r in manifest.train if r.title.strip()]
-    text_sums = torch.zeros_like(sums)
-    with torch.no_grad():
-        for i in range(0, len(titled), 512):
-            part = titled[i:i + 512]
-            ids = [vocab.encode(r.title, max_len) for r in part]
-            tokens = torch.tensor([x + [PAD] * (max_len - len(x)) for x in ids])
-            s, _ = encoder(tokens, tokens != PAD)
-            labels = torch.tensor([index[r.sku] for r in part])
-            text_sums.index_add_(0, labels, F.normalize(s.float(), dim=-1))
-    prototypes = F.normalize(text_sums, dim=1)
-    has_titles = text_sums.norm(dim=1) > 0
-    out = {"titles_only": class_mean_rows(recognizer.weight, prototypes, has_titles.long())}
-    for k in TITLE_PSEUDO_PHOTOS:
-        out[f"titles{k}"] = class_mean_rows(recognizer.weight, sums + k * prototypes, counts + has_titles.long())
-    return out
+    return class_mean_rows(recognizer.weight, sums, counts)
 
 
 def run_one(job: dict) -> dict:
@@ -231,16 +196,8 @@ def run_one(job: dict) -> dict:
     row.update(seconds=round(seconds, 1), val=split_metrics(recognizer, manifest, "val", params, device),
                test=split_metrics(recognizer, manifest, "test", params, device))
     if job.get("means"):  # the same visual stream with class-mean rows (`train.classifier_rows: class_means`)
-        trained = recognizer.weight
-        recognizer.weight, sums, counts = class_means_of(recognizer, manifest, params)
+        recognizer.weight = class_means_of(recognizer, manifest, params)
         row["means"] = {split: split_metrics(recognizer, manifest, split, params, device) for split in ("val", "test")}
-        if "text_encoder" in result:
-            row["rows"] = {}
-            recognizer.weight = trained
-            for name, rows in title_prototype_rows(recognizer, manifest, result["text_encoder"], sums, counts).items():
-                recognizer.weight = rows
-                row["rows"][name] = {split: split_metrics(recognizer, manifest, split, params, device)
-                                     for split in ("val", "test")}
     if "text_encoder" in result:  # where the title attention goes (sicot.attention): 1.0 = blind to noise
         from sicot.attention import load_noise_words, measure_noise_attention
         from sicot.model.text_encoders import load_text_encoder
@@ -261,8 +218,6 @@ def load_results(path: Path) -> list[dict]:
     """Stored runs, the latest per (set, config, seed): a config whose overrides changed was run again."""
     rows = [json.loads(line) for line in path.read_text().splitlines() if line.strip()] if path.exists() else []
     rows += [{**r, "config": r["config"] + "+means", **r["means"]} for r in rows if "means" in r]
-    rows += [{**r, "config": f"{r['config']}+{name}", **scores} for r in rows if "+" not in r["config"]
-             for name, scores in r.get("rows", {}).items()]
     return list({(r["set"], r["config"], r["seed"]): r for r in rows}.values())
 
 

@@ -142,10 +142,6 @@ class Train:
     title_anchors: bool = opt(False, help="sicot mode: each class's row of W is offset by the word detectors of its "
                                           "titles' words (idf-weighted), so tail rows start from words learned on "
                                           "head products; folded into W at export (docs/method.md)")
-    title_contrast: float = opt(0.0, ge=0.0, help="sicot mode: weight γ of an image–title contrastive loss "
-                                                  "(InfoNCE of v against s, on λ's ramp): v and s in one space, "
-                                                  "so titles also give class prototypes; 0 = off "
-                                                  "(docs/method.md)")
     logit_adjust_tau: float = opt(0.0, ge=0.0, help="τ of logit adjustment in the loss (Menon et al.: "
                                                     "logits + τ·log prior); 0 = off")
     classifier_rows: str = opt("trained", choices=("trained", "class_means"),

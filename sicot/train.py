@@ -225,8 +225,7 @@ def build_model(params: Params, data: TrainingData, start: StartingPoint, group)
         word_weight = params.train.word_loss
         words = TitleWords(dim, len(data.vocab), class_words, predict=word_weight > 0)
     cotraining = CoTraining(weight=params.train.cotrain_weight, rampup=params.train.cotrain_rampup)
-    return SICoT(backbone, dim, classifier, encoder, cotraining=cotraining, words=words, word_weight=word_weight,
-                 contrast_weight=params.train.title_contrast if encoder is not None else 0.0)
+    return SICoT(backbone, dim, classifier, encoder, cotraining=cotraining, words=words, word_weight=word_weight)
 
 
 def fingerprint(params: Params, model: SICoT, data: TrainingData) -> dict:

@@ -346,60 +346,6 @@ def test_mixed_loss_has_no_weight_before_the_ramp_starts():
 
 
 
-def test_title_contrast_counts_every_title_of_the_same_product_as_a_positive():
-    """Aligned pairs give a low loss, a shuffled pairing a high one; two photos of one SKU are each
-    other's positives (near-duplicate titles are not pushed apart); untitled photos take no part."""
-    import torch.nn.functional as F
-
-    from sicot.model.title_contrast import TEMPERATURE, title_contrast_loss
-
-    torch.manual_seed(0)
-    v = torch.randn(4, 8)
-    labels, titled = torch.tensor([0, 1, 2, 3]), torch.ones(4, dtype=torch.bool)
-    aligned = title_contrast_loss(v, v.clone(), labels, titled)
-    assert aligned < title_contrast_loss(v, v.roll(1, 0), labels, titled) - 1.0
-    same_sku = torch.tensor([0, 0, 2, 3])
-    s = v.clone()
-    s[1] = v[0]  # photo 1's title is photo 0's: a positive of both, not a negative
-    logits = F.normalize(v, dim=-1) @ F.normalize(s, dim=-1).T / TEMPERATURE
-    assert title_contrast_loss(v, s, same_sku, titled) < title_contrast_loss(v, s, labels, titled)
-    other = same_sku[:, None] != same_sku
-    expected = sum((x.logsumexp(1) - x.masked_fill(other, float("-inf")).logsumexp(1)).mean()
-                   for x in (logits, logits.T)) / 2
-    assert title_contrast_loss(v, s, same_sku, titled).item() == pytest.approx(expected.item(), rel=1e-5)
-    only_two = torch.tensor([True, False, True, False])
-    assert title_contrast_loss(v, s, labels, only_two).item() == pytest.approx(
-        title_contrast_loss(v[[0, 2]], s[[0, 2]], labels[[0, 2]], torch.ones(2, dtype=torch.bool)).item())
-    v.requires_grad_(True)
-    lonely = title_contrast_loss(v, s, labels, torch.tensor([True, False, False, False]))
-    lonely.backward()
-    assert lonely.item() == 0 and v.grad.abs().sum() == 0
-
-
-def test_title_contrast_follows_the_cotraining_ramp_and_moves_both_streams():
-    from sicot.model.sicot import CoTraining
-
-    torch.manual_seed(0)
-    backbone = nn.Sequential(nn.Flatten(), nn.Linear(12, OUT), nn.ReLU())
-    encoder = text_encoders.create_text_encoder("bilinear", table(), OUT)
-    model = SICoT(backbone, OUT, ReplicatedClassifier(OUT, 3), encoder, cotraining=CoTraining(weight=0.0, rampup=2),
-                  contrast_weight=0.5)
-    images, labels = torch.randn(4, 3, 2, 2), torch.tensor([0, 1, 2, 1])
-    model.start_epoch(0)
-    loss, parts = model.training_loss(images, labels, TOKENS)
-    assert torch.allclose(loss, parts["visual"])
-    model.start_epoch(1)
-    loss, parts = model.training_loss(images, labels, TOKENS)
-    assert parts["contrast"] > 0 and torch.allclose(loss, parts["visual"] + 0.25 * parts["contrast"])
-    loss.backward()
-    with_contrast = backbone[1].weight.grad.clone()
-    assert any(p.grad is not None and p.grad.abs().sum() > 0 for p in encoder.parameters())  # λ = 0: only γ reaches s
-    model.zero_grad()
-    model.contrast = 0.0
-    model.training_loss(images, labels, TOKENS)[0].backward()
-    assert not torch.allclose(backbone[1].weight.grad, with_contrast)
-
-
 def test_class_word_weights_are_idf_weighted_shares_of_each_class_titles():
     from sicot.model.title_anchors import class_word_weights
 

@@ -5,8 +5,7 @@
 
 Titles exist only in training: the deployable model is the backbone and W (`Recognizer`). Without a
 text encoder this is the visual-only baseline, loss = CE(W v). `sicot.model.title_anchors` adds
-β · BCE(U v, title words) to the loss (`word_weight` β) and, with anchors, every W above reads W + T U;
-`sicot.model.title_contrast` adds γ · InfoNCE(v, s) (`contrast_weight` γ, on λ's ramp).
+β · BCE(U v, title words) to the loss (`word_weight` β) and, with anchors, every W above reads W + T U.
 
 The formulation is kept in small pieces so variants are one-line changes: `fuse` (e.g. normalise v and
 s before the max, or stop the gradient into s), `cotrain_weight` (a schedule can set it per epoch), and
@@ -20,7 +19,6 @@ import torch
 from torch import nn
 
 from sicot.model.title_anchors import TitleWords, scale_grad, word_loss
-from sicot.model.title_contrast import title_contrast_loss
 from sicot.text.word2vec import PAD
 
 
@@ -37,11 +35,7 @@ class CoTraining:
     rampup: int = 0
 
     def weight_at(self, epoch: int) -> float:
-        return self.weight * self.ramp_at(epoch)
-
-    def ramp_at(self, epoch: int) -> float:
-        """The share of the full weight at an epoch (also what the title-contrast term follows)."""
-        return min(1.0, epoch / self.rampup) if self.rampup > 0 else 1.0
+        return self.weight * min(1.0, epoch / self.rampup) if self.rampup > 0 else self.weight
 
 
 def fuse(v: torch.Tensor, s: torch.Tensor) -> torch.Tensor:
@@ -76,20 +70,17 @@ class Streams(nn.Module):
 class SICoT(nn.Module):
     def __init__(self, backbone: nn.Module, dim: int, classifier: nn.Module,
                  text_encoder: nn.Module | None = None, cotrain_weight: float = 1.0,
-                 cotraining: CoTraining | None = None, words: TitleWords | None = None, word_weight: float = 0.0,
-                 contrast_weight: float = 0.0):
+                 cotraining: CoTraining | None = None, words: TitleWords | None = None, word_weight: float = 0.0):
         super().__init__()
         self.dim = dim
         self.streams = Streams(backbone, text_encoder, words)
         self.word_weight = word_weight
-        self.contrast = self.contrast_weight = contrast_weight  # γ now, and at full ramp
         self.classifier = classifier
         self.cotraining = cotraining or CoTraining(weight=cotrain_weight)
         self.cotrain_weight = self.cotraining.weight  # λ now; the training engine follows the ramp-up
 
     def start_epoch(self, epoch: int) -> None:
         self.cotrain_weight = self.cotraining.weight_at(epoch)
-        self.contrast = self.contrast_weight * self.cotraining.ramp_at(epoch)
 
     @property
     def backbone(self) -> nn.Module:
@@ -133,8 +124,4 @@ class SICoT(nn.Module):
             words = word_loss(word_logits, tokens, has_title)
             parts["words"] = words.detach()
             loss = loss + self.word_weight * words
-        if self.contrast_weight:
-            contrast = title_contrast_loss(v, s, labels, has_title)
-            parts["contrast"] = contrast.detach()
-            loss = loss + self.contrast * contrast
         return loss, parts
