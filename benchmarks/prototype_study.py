@@ -14,7 +14,7 @@ features of the validation and test photos (top-1 overall / head / tail, %):
 - `NCM`: cosine to each class's mean normalised training feature;
 - `title tail`: NCM whose tail classes' means are predicted from their titles alone: word detectors U fitted
   by ridge regression (weighted by photos, `--ridge`) from the head classes' idf-weighted title words
-  (`sicot.model.title_anchors.class_word_weights`) to their means;
+  (`class_word_weights`) to their means;
 - `shrunk kK`: tail means pulled toward those predictions with the weight of K photos.
 
 Benchmarks measure, they assert nothing.
@@ -58,9 +58,24 @@ def top1(scores: torch.Tensor, labels: torch.Tensor, head: torch.Tensor) -> dict
     return {"all": hit.mean().item(), "head": hit[in_head].mean().item(), "tail": hit[~in_head].mean().item()}
 
 
+def class_word_weights(labels: list[int], token_ids: list[list[int]], num_classes: int,
+                       vocab_size: int) -> torch.Tensor:
+    """T [num_classes, vocab_size]: per class, the share of its titles holding each word times the word's
+    idf over classes (a word every product has weighs nothing), rows normalised to sum 1. PAD and UNK are
+    never words."""
+    from sicot.text.word2vec import UNK
+
+    holding, titles = torch.zeros(num_classes, vocab_size), torch.zeros(num_classes, 1)
+    for label, ids in zip(labels, token_ids):
+        titles[label] += 1
+        holding[label, sorted({w for w in ids if w > UNK})] += 1
+    idf = torch.log(num_classes / (holding > 0).sum(0).clamp_min(1).float())
+    weights = holding / titles.clamp_min(1) * idf
+    return weights / weights.sum(1, keepdim=True).clamp_min(1e-12)
+
+
 def classifiers(recognizer, manifest, params, ridge: float) -> tuple[dict, torch.Tensor, torch.Tensor]:
     """({name: unit rows [C, d], scored against unit features}, training photos per class, head mask)."""
-    from sicot.model.title_anchors import class_word_weights
     from sicot.text.word2vec import Vocabulary
 
     train, labels = features(recognizer, manifest, "train")
@@ -70,7 +85,7 @@ def classifiers(recognizer, manifest, params, ridge: float) -> tuple[dict, torch
     means = torch.zeros(classes, train.shape[1]).index_add_(0, labels, F.normalize(train, dim=1)) / counts
     vocab = Vocabulary.load(params.paths.word2vec)
     titles = [vocab.encode(r.title, params.train.max_title_len) for r in manifest.train]  # in shard order
-    words = class_word_weights(labels.tolist(), titles, classes, len(vocab)).to_dense()
+    words = class_word_weights(labels.tolist(), titles, classes, len(vocab))
     Th, nh = words[head], counts[head]
     detectors = torch.linalg.solve(Th.t() @ (nh * Th) + ridge * torch.eye(words.shape[1]), Th.t() @ (nh * means[head]))
     predicted = F.normalize(words @ detectors, dim=1)

@@ -137,11 +137,6 @@ class Train:
                                                   "weight (docs/method.md)")
     cotrain_rampup: int = opt(4, ge=0, help="epochs over which λ grows from 0 so the visual stream learns first; "
                                             "0 = the naive form, which loses to the baseline")
-    word_loss: float = opt(0.0, ge=0.0, help="sicot mode: weight β of predicting the title's words from the image "
-                                              "(multi-label BCE of word detectors on v); 0 = off (docs/method.md)")
-    title_anchors: bool = opt(False, help="sicot mode: each class's row of W is offset by the word detectors of its "
-                                          "titles' words (idf-weighted), so tail rows start from words learned on "
-                                          "head products; folded into W at export (docs/method.md)")
     logit_adjust_tau: float = opt(0.0, ge=0.0, help="τ of logit adjustment in the loss (Menon et al.: "
                                                     "logits + τ·log prior); 0 = off")
     classifier_rows: str = opt("trained", choices=("trained", "class_means"),

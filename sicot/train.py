@@ -54,7 +54,6 @@ from sicot.model.recognizer import Recognizer, save_sharded
 from sicot.model.sicot import CoTraining, SICoT
 from sicot.model.starting_point import StartingPoint, load_starting_point
 from sicot.model.text_encoders import create_text_encoder, save_text_encoder
-from sicot.model.title_anchors import TitleWords, class_word_weights
 from sicot.text.word2vec import Vocabulary
 
 CHECKPOINT_FORMAT = "sicot.checkpoint/1"
@@ -153,7 +152,6 @@ class TrainingData:
     val: ProductImages
     train_counts: list[int]
     vocab: Vocabulary | None  # SICoT mode only
-    class_words: torch.Tensor | None  # T [C, V] sparse: each class's title words (title anchors)
 
 
 def load_data(params: Params) -> TrainingData:
@@ -177,10 +175,6 @@ def load_data(params: Params) -> TrainingData:
     index = {sku: i for i, sku in enumerate(classes)}
     counts = class_counts(manifest.train)
     image_size = params.train.image_size
-    class_words = None
-    if vocab is not None and params.train.title_anchors:
-        class_words = class_word_weights((index[r.sku] for r in manifest.train),
-                                         (encode(r.title) for r in manifest.train), len(classes), len(vocab))
     # One memory budget for the decoded images, shared by the splits in proportion to their images.
     budget = params.train.cache_mb * 2 ** 20
     train_share = budget * len(manifest.train) // (len(manifest.train) + len(manifest.val))
@@ -188,7 +182,7 @@ def load_data(params: Params) -> TrainingData:
         classes=classes, prepared=prepared, shards=manifest.shards,
         train=ProductImages(index, image_size, encode_title=encode, augment=True, cache_bytes=train_share),
         val=ProductImages(index, image_size, encode_title=encode, cache_bytes=budget - train_share),
-        train_counts=[counts[sku] for sku in classes], vocab=vocab, class_words=class_words)
+        train_counts=[counts[sku] for sku in classes], vocab=vocab)
 
 
 # --- model -------------------------------------------------------------------------------------------
@@ -216,16 +210,8 @@ def build_model(params: Params, data: TrainingData, start: StartingPoint, group)
         encoder = create_text_encoder(params.train.text_encoder, data.vocab.embeddings, dim)
     classifier = make_classifier(params, dim, len(data.classes), group)
     start.load_classifier_rows(classifier, data.classes)
-    words, word_weight = None, 0.0
-    if encoder is not None and (params.train.word_loss or params.train.title_anchors):
-        class_words = None
-        if data.class_words is not None:
-            lo, hi = classifier.class_range
-            class_words = data.class_words.index_select(0, torch.arange(lo, hi)).coalesce()
-        word_weight = params.train.word_loss
-        words = TitleWords(dim, len(data.vocab), class_words, predict=word_weight > 0)
     cotraining = CoTraining(weight=params.train.cotrain_weight, rampup=params.train.cotrain_rampup)
-    return SICoT(backbone, dim, classifier, encoder, cotraining=cotraining, words=words, word_weight=word_weight)
+    return SICoT(backbone, dim, classifier, encoder, cotraining=cotraining)
 
 
 def fingerprint(params: Params, model: SICoT, data: TrainingData) -> dict:
@@ -238,7 +224,6 @@ def fingerprint(params: Params, model: SICoT, data: TrainingData) -> dict:
         "feature_dim": model.dim,
         "image_size": params.train.image_size,
         "text_encoder": params.train.text_encoder if mode == "sicot" else "",
-        "title_words": model.streams.words is not None,
         "word_vectors": list(data.vocab.embeddings.shape) if data.vocab is not None else [],
         "classes": len(data.classes),
         "classes_sha256": hashlib.sha256("\n".join(data.classes).encode()).hexdigest(),
@@ -425,7 +410,7 @@ def train_one_epoch(training: TrainingSetup, epoch: int) -> dict:
             average_gradients(model.classifier, training.group)
         optimizer.step()
         n = labels.shape[0]
-        predicted = model.classifier.topk(parts["features"].float(), 1, parts["row_offsets"])[1][:, 0]
+        predicted = model.classifier.topk(parts["features"].float(), 1)[1][:, 0]
         totals += torch.stack([loss.detach() * n, parts["visual"] * n, parts.get("cotrain", loss.new_zeros(())) * n,
                                (predicted == labels).sum(), loss.new_tensor(n)]).double()
         if show and step % 10 == 0:
@@ -448,13 +433,12 @@ def evaluate(training: TrainingSetup) -> float:
     split: validation is small, and a class-sharded classifier needs all ranks in each top-k."""
     model, device = training.model, training.process.device
     model.eval()
-    offsets = model.row_offsets()
     correct = seen = 0
     for batch in training.val_loader:
         batch = training.to_device(batch)
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=training.amp):
             features = model.backbone(batch["image"])
-        predicted = model.classifier.topk(features.float(), 1, offsets)[1][:, 0]
+        predicted = model.classifier.topk(features.float(), 1)[1][:, 0]
         correct += int((predicted == batch["label"]).sum())
         seen += batch["label"].shape[0]
     return correct / seen if seen else 0.0
@@ -508,10 +492,10 @@ def log_prior_of(data: TrainingData, params: Params, device: torch.device) -> to
 
 @torch.no_grad()
 def exported_rows(training: TrainingSetup, data: TrainingData) -> torch.Tensor:
-    """This rank's rows of the exported W: the trained rows with the title anchors folded in (the export is
-    image-only), or the class means of the training photos (`train.classifier_rows`); collective."""
+    """This rank's rows of the exported W: the trained rows, or the class means of the training photos
+    (`train.classifier_rows`); collective."""
     params, model, process = training.params, training.model, training.process
-    trained = model.classifier.rows(model.row_offsets()).detach()
+    trained = model.classifier.weight.detach()
     if params.train.classifier_rows == "trained":
         return trained
     # Every photo once, unaugmented, each rank its own shards (the training stream pads ranks to equal runs).

@@ -308,55 +308,6 @@ def ddp_sgd_matches_single_process(rank, world, root):
     close(weight, ref_w.detach(), "classifier weight")
 
 
-def title_words_match_single_process(rank, world, root):
-    """SICoT with title anchors (DDP encoders, sharded W, each rank anchoring its own classes' rows):
-    a few SGD steps equal one process on the global batches, the folded W too. (The title-word loss is
-    a per-rank mean like any data-parallel loss, so it is left out of this exact comparison.)"""
-    from torch.nn.parallel import DistributedDataParallel as DDP
-
-    from sicot.model.classifier import ReplicatedClassifier
-    from sicot.model.sicot import SICoT
-    from sicot.model.text_encoders import create_text_encoder
-    from sicot.model.title_anchors import TitleWords, class_word_weights
-
-    sizes, words = SIZES[world], 7
-    gen = torch.Generator().manual_seed(5)
-    table = torch.randn(words, 4, generator=gen)
-    table[0] = 0
-    class_words = class_word_weights(range(CLASSES), torch.randint(2, words, (CLASSES, 3), generator=gen).tolist(),
-                                     CLASSES, words)
-
-    def sicot(classifier):
-        torch.manual_seed(10)
-        backbone = nn.Sequential(nn.Linear(6, 12), nn.ReLU(), nn.Linear(12, DIM), nn.ReLU())
-        encoder = create_text_encoder("bilinear", table.numpy(), DIM)
-        lo, hi = classifier.class_range
-        title_words = TitleWords(DIM, words, class_words.index_select(0, torch.arange(lo, hi)).coalesce(),
-                                 predict=False)
-        nn.init.normal_(title_words.weight, std=0.3, generator=torch.Generator().manual_seed(3))
-        return SICoT(backbone, DIM, classifier, encoder, cotrain_weight=1.0, words=title_words)
-
-    ref, model = sicot(ReplicatedClassifier(DIM, CLASSES)), sicot(make())
-    streams = DDP(model.streams)
-    ref_opt = torch.optim.SGD(ref.parameters(), lr=0.2, momentum=0.9)
-    opt = torch.optim.SGD(model.parameters(), lr=0.2, momentum=0.9)
-    for step in range(3):
-        gen = torch.Generator().manual_seed(100 + step)
-        images, y = torch.randn(sum(sizes), 6, generator=gen), torch.randint(0, CLASSES, (sum(sizes),), generator=gen)
-        tokens = torch.randint(0, words, (sum(sizes), 5), generator=gen)
-        ref_opt.zero_grad()
-        ref.training_loss(images, y, tokens)[0].backward()
-        ref_opt.step()
-        opt.zero_grad()
-        part = mine(sizes, rank)
-        model.training_loss(images[part], y[part], tokens[part], streams=streams)[0].backward()
-        opt.step()
-    weight = model.classifier.full_weight(model.row_offsets())
-    for (name, p), q in zip(model.streams.named_parameters(), ref.streams.parameters()):
-        close(p.detach(), q.detach(), f"streams {name}", rtol=1e-4, atol=1e-5)
-    close(weight, ref.classifier.full_weight(ref.row_offsets()).detach(), "folded classifier", rtol=1e-4, atol=1e-5)
-
-
 def class_means_match_single_process(rank, world, root):
     """The class-means rows of a sharded W, each rank streaming a different number of batches (one rank
     none at all on 3 ranks), equal one process's means over all photos; a class without photos keeps its
@@ -398,7 +349,6 @@ SCENARIOS = {
     "checkpoint_load": (checkpoint_load, (1, 3)),
     "checkpoint_mismatch": (checkpoint_mismatch, (3,)),
     "ddp_sgd_matches_single_process": (ddp_sgd_matches_single_process, (1, 2, 3)),
-    "title_words_match_single_process": (title_words_match_single_process, (1, 2, 3)),
     "class_means_match_single_process": (class_means_match_single_process, (1, 2, 3)),
 }
 
@@ -444,32 +394,19 @@ def launch(world: int, root: Path) -> dict[str, str | None]:
 
 # -- the trained model's export (tests/test_sharded_export.py) ---------------------------------------
 
-EXPORT_CLASSES, EXPORT_DIM, EXPORT_WORDS = 11, 8, 5
-
-
-def export_model(seed: int = 0, rows: tuple[int, int] = (0, EXPORT_CLASSES)):
-    """A baseline SICoT with a title-anchored W whose classifier holds `rows`; the same on every rank."""
-    from sicot.model.backbone import create_backbone
-    from sicot.model.title_anchors import TitleWords
-
-    torch.manual_seed(seed)
-    backbone, dim = create_backbone("resnet18", out_dim=EXPORT_DIM)
-    words_of = (torch.rand(EXPORT_CLASSES, EXPORT_WORDS) < 0.5).float()
-    words = TitleWords(dim, EXPORT_WORDS, words_of[rows[0]:rows[1]].to_sparse(), predict=False)
-    with torch.no_grad():
-        words.weight.normal_()
-    return backbone, dim, words
+EXPORT_CLASSES, EXPORT_DIM = 11, 8
 
 
 def export_sharded(rank, world, port, root):
-    """`sicot.train.write_outputs` on `world` gloo ranks with a class-sharded, title-anchored W, while
-    gathering W raises; rank 0 also writes the one-file model of the same weights (`reference.pt`)."""
+    """`sicot.train.write_outputs` on `world` gloo ranks with a class-sharded W while gathering W raises;
+    rank 0 also writes the one-file model of the same weights (`reference.pt`)."""
     os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(world),
                       MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     torch.set_num_threads(1)
     from types import SimpleNamespace
 
     from sicot.config import Params
+    from sicot.model.backbone import create_backbone
     from sicot.model.recognizer import Recognizer
     from sicot.model.sicot import SICoT
     from sicot.parallel import ShardedClassifier, init_rows, sharded_classifier
@@ -483,8 +420,9 @@ def export_sharded(rank, world, port, root):
     outcome = {}
     try:
         classifier = ShardedClassifier(EXPORT_DIM, EXPORT_CLASSES)
-        backbone, dim, words = export_model(rows=classifier.class_range)
-        model = SICoT(backbone, dim, classifier, words=words)
+        torch.manual_seed(0)
+        backbone, dim = create_backbone("resnet18", out_dim=EXPORT_DIM)
+        model = SICoT(backbone, dim, classifier)
         params = Params.from_dict({"train": {"mode": "baseline", "feature_dim": EXPORT_DIM, "image_size": 16},
                                    "paths": {"models": str(Path(root, "models"))}})
         training = SimpleNamespace(params=params, model=model,
@@ -496,10 +434,8 @@ def export_sharded(rank, world, port, root):
         outcome = {"model": outputs["model"], "classifier_shards": outputs["classifier_shards"],
                    "class_range": list(classifier.class_range)}
         if rank == 0:
-            backbone, dim, words = export_model()
-            weight = init_rows(0, EXPORT_CLASSES, dim) + words.row_offsets()
-            Recognizer(backbone, weight, data.classes, 16, {"backbone": "resnet18", "feature_dim": dim}
-                       ).save(str(Path(root, "reference.pt")))
+            Recognizer(backbone, init_rows(0, EXPORT_CLASSES, dim), data.classes, 16,
+                       {"backbone": "resnet18", "feature_dim": dim}).save(str(Path(root, "reference.pt")))
     except Exception as exc:  # reported to the test, which names the rank
         outcome = {"error": f"rank {rank}: {exc}\n{traceback.format_exc(limit=4)}"}
     finally:

@@ -51,7 +51,7 @@ def test_each_rank_writes_its_own_rows_without_gathering(exported):
     for rank, (lo, hi) in enumerate(ranges):
         shard = torch.load(exported / f"models/baseline/model-classifier-{rank}-of-2.pt", weights_only=True)
         assert shard["rows"] == [lo, hi] and shard["world_size"] == 2
-        torch.testing.assert_close(shard["weight"], reference[lo:hi], rtol=0, atol=1e-6)  # anchors folded in
+        torch.testing.assert_close(shard["weight"], reference[lo:hi], rtol=0, atol=1e-6)
     header = torch.load(model_pt(exported), weights_only=True)
     assert "weight" not in header["state_dict"] and len(header["classifier"]["shards"]) == 2
 
@@ -180,7 +180,7 @@ def test_a_missing_or_foreign_shard_is_named(exported, tmp_path):
 
 @pytest.mark.slow
 def test_a_two_rank_training_run_exports_and_logs_a_sharded_model(tiny_world, tmp_path):
-    """torchrun, 2 ranks, class-sharded SICoT with title anchors and class-means rows: each training photo
+    """torchrun, 2 ranks, class-sharded SICoT with class-means rows: each training photo
     is counted once, the model directory and the MLflow run hold model.pt and both shards, and evaluation
     under a tiny memory setting scores what the consolidated model scores."""
     import mlflow
@@ -190,7 +190,7 @@ def test_a_two_rank_training_run_exports_and_logs_a_sharded_model(tiny_world, tm
     from tests.torchrun_nodes import train_on_nodes
 
     tracking_uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
-    params = tiny_world.params(tmp_path, "train.mode=sicot", "train.fc=sharded", "train.title_anchors=true",
+    params = tiny_world.params(tmp_path, "train.mode=sicot", "train.fc=sharded",
                                "train.classifier_rows=class_means", "train.epochs=1")
     node, = train_on_nodes(params, [tmp_path / "node"], nproc_per_node=2, track=True,
                            env={"MLFLOW_TRACKING_URI": tracking_uri})

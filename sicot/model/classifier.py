@@ -2,8 +2,7 @@
 
 This is the interface every classifier honours, the class-sharded one in `sicot.parallel` included:
 `loss`, `topk`, `full_weight`, and `weight` holding the rows of `class_range`. The replicated form keeps
-all of W on every rank. Each takes `row_offsets`, a tensor shaped like `weight` added to it (the title
-anchors' rows), or None.
+all of W on every rank.
 """
 from __future__ import annotations
 
@@ -41,36 +40,30 @@ class ReplicatedClassifier(nn.Module):
         """[start, stop) of the classes whose rows `weight` holds: all of them."""
         return 0, self.num_classes
 
-    def rows(self, row_offsets: torch.Tensor | None = None) -> torch.Tensor:
-        return self.weight if row_offsets is None else self.weight + row_offsets.to(self.weight.dtype)
-
-    def logits(self, features: torch.Tensor, row_offsets: torch.Tensor | None = None) -> torch.Tensor:
-        weight = self.rows(row_offsets)
+    def logits(self, features: torch.Tensor) -> torch.Tensor:
         if self.logits_dtype is None:
-            return features @ weight.t()
+            return features @ self.weight.t()
         with torch.autocast(features.device.type, enabled=False):
-            return features.to(self.logits_dtype) @ weight.to(self.logits_dtype).t()
+            return features.to(self.logits_dtype) @ self.weight.to(self.logits_dtype).t()
 
     def loss(self, features: torch.Tensor, labels: torch.Tensor, mask: torch.Tensor | None = None,
-             log_prior: torch.Tensor | None = None, tau: float = 0.0,
-             row_offsets: torch.Tensor | None = None) -> torch.Tensor:
+             log_prior: torch.Tensor | None = None, tau: float = 0.0) -> torch.Tensor:
         """Mean cross-entropy over rows where `mask` is True (all rows when None).
 
         Logit adjustment (Menon et al., 2021): tau * log class prior is added to the logits inside the
         loss only, so the head classes' easy margin is taken away in training while prediction
         (`logits`, `topk`) stays plain.
         """
-        logits = self.logits(features, row_offsets).float()
+        logits = self.logits(features).float()
         if tau and log_prior is not None:
             logits = logits + tau * log_prior.to(logits)
         return masked_cross_entropy(logits, labels, mask)
 
     @torch.no_grad()
-    def topk(self, features: torch.Tensor, k: int,
-             row_offsets: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    def topk(self, features: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
         """(probabilities, class indices) of the k best classes, best first."""
-        probs = torch.softmax(self.logits(features, row_offsets).float(), dim=-1)
+        probs = torch.softmax(self.logits(features).float(), dim=-1)
         return probs.topk(min(k, self.num_classes), dim=-1)
 
-    def full_weight(self, row_offsets: torch.Tensor | None = None) -> torch.Tensor:
-        return self.rows(row_offsets)
+    def full_weight(self) -> torch.Tensor:
+        return self.weight

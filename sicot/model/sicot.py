@@ -4,8 +4,7 @@
     loss = CE(W v) + λ · CE(W mixed)
 
 Titles exist only in training: the deployable model is the backbone and W (`Recognizer`). Without a
-text encoder this is the visual-only baseline, loss = CE(W v). `sicot.model.title_anchors` adds
-β · BCE(U v, title words) to the loss (`word_weight` β) and, with anchors, every W above reads W + T U.
+text encoder this is the visual-only baseline, loss = CE(W v).
 
 The formulation is kept in small pieces so variants are one-line changes: `fuse` (e.g. normalise v and
 s before the max, or stop the gradient into s), `cotrain_weight` (a schedule can set it per epoch), and
@@ -18,7 +17,6 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from sicot.model.title_anchors import TitleWords, scale_grad, word_loss
 from sicot.text.word2vec import PAD
 
 
@@ -45,36 +43,28 @@ def fuse(v: torch.Tensor, s: torch.Tensor) -> torch.Tensor:
 
 class Streams(nn.Module):
     """Every trained part but W in one module (what data-parallel training wraps): images [B,3,S,S],
-    tokens [B,L] -> (v [B,d], s [B,d] or None, title-word logits [B,V] or None, row offsets [rows,d] of
-    the title anchors or None)."""
+    tokens [B,L] -> (v [B,d], s [B,d] or None)."""
 
-    def __init__(self, backbone: nn.Module, text_encoder: nn.Module | None = None, words: TitleWords | None = None):
+    def __init__(self, backbone: nn.Module, text_encoder: nn.Module | None = None):
         super().__init__()
         self.backbone = backbone
         self.text_encoder = text_encoder
-        self.words = words
 
     def forward(self, images: torch.Tensor, tokens: torch.Tensor | None = None):
         v = self.backbone(images)
         if self.text_encoder is None:
-            return v, None, None, None
+            return v, None
         s, _ = self.text_encoder(tokens, tokens != PAD)
-        if self.words is None:
-            return v, s, None, None
-        return v, s, self.words.logits(v), self.words.row_offsets()
-
-    def row_offsets(self) -> torch.Tensor | None:
-        return None if self.words is None else self.words.row_offsets()
+        return v, s
 
 
 class SICoT(nn.Module):
     def __init__(self, backbone: nn.Module, dim: int, classifier: nn.Module,
                  text_encoder: nn.Module | None = None, cotrain_weight: float = 1.0,
-                 cotraining: CoTraining | None = None, words: TitleWords | None = None, word_weight: float = 0.0):
+                 cotraining: CoTraining | None = None):
         super().__init__()
         self.dim = dim
-        self.streams = Streams(backbone, text_encoder, words)
-        self.word_weight = word_weight
+        self.streams = Streams(backbone, text_encoder)
         self.classifier = classifier
         self.cotraining = cotraining or CoTraining(weight=cotrain_weight)
         self.cotrain_weight = self.cotraining.weight  # λ now; the training engine follows the ramp-up
@@ -90,38 +80,19 @@ class SICoT(nn.Module):
     def text_encoder(self) -> nn.Module | None:
         return self.streams.text_encoder
 
-    @torch.no_grad()
-    def row_offsets(self) -> torch.Tensor | None:
-        """What the title anchors add to this rank's rows of W (None without anchors): prediction uses
-        W + offsets, and the exported classifier is that sum."""
-        return self.streams.row_offsets()
-
     def training_loss(self, images, labels, tokens=None, log_prior=None, tau: float = 0.0, streams=None):
         """(loss, parts) for one batch; parts holds the detached loss terms and visual features
         ("features", for training accuracy). `streams` runs the encoders in place of `self.streams`
         when given: the data-parallel wrapper of the same module."""
-        v, s, word_logits, offsets = (self.streams if streams is None else streams)(images, tokens)
-        if offsets is not None:
-            # A sharded W's rows get the exact gradient of the global loss, as the features get N times
-            # theirs (ShardedClassifier.ddp_average): DDP's mean over ranks must yield the sum of the
-            # ranks' rows' contributions to the word detectors.
-            offsets = scale_grad(offsets, getattr(self.classifier, "world_size", 1)
-                                 if getattr(self.classifier, "ddp_average", False) else 1)
-        visual = self.classifier.loss(v, labels, log_prior=log_prior, tau=tau, row_offsets=offsets)
-        parts = {"visual": visual.detach(), "features": v.detach(),
-                 "row_offsets": None if offsets is None else offsets.detach()}
+        v, s = (self.streams if streams is None else streams)(images, tokens)
+        visual = self.classifier.loss(v, labels, log_prior=log_prior, tau=tau)
+        parts = {"visual": visual.detach(), "features": v.detach()}
         if s is None:
             return visual, parts
         # A product with an empty title has no side information: max(v, s) would then be v mixed with
         # the projection of nothing, a feature that says nothing about the product. Such samples keep
         # the visual loss and are left out of the mixed term (its mean runs over titled samples only).
         has_title = (tokens != PAD).any(dim=1)
-        cotrain = self.classifier.loss(fuse(v, s), labels, mask=has_title, log_prior=log_prior, tau=tau,
-                                       row_offsets=offsets)
+        cotrain = self.classifier.loss(fuse(v, s), labels, mask=has_title, log_prior=log_prior, tau=tau)
         parts["cotrain"] = cotrain.detach()
-        loss = visual + self.cotrain_weight * cotrain
-        if word_logits is not None:
-            words = word_loss(word_logits, tokens, has_title)
-            parts["words"] = words.detach()
-            loss = loss + self.word_weight * words
-        return loss, parts
+        return visual + self.cotrain_weight * cotrain, parts

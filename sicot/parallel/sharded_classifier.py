@@ -14,8 +14,7 @@ backbone's rows get their exact gradient multiplied by N (`ddp_average=True`): D
 the N ranks what must be a sum over the ranks' rows, and the result equals single-process training on
 the global batch. Pass `ddp_average=False` when the backbone's gradients are not averaged.
 
-The interface matches the single-process classifier: `loss`, `topk`, `full_weight`, each taking
-`row_offsets` (added to this rank's rows; the title anchors) or None.
+The interface matches the single-process classifier: `loss`, `topk`, `full_weight`.
 """
 from __future__ import annotations
 
@@ -107,15 +106,11 @@ class ShardedClassifier(nn.Module):
 
     # -- training --------------------------------------------------------------------------------
 
-    def forward(self, features, labels, mask=None, log_prior=None, tau: float = 0.0, row_offsets=None):
-        return self.loss(features, labels, mask, log_prior, tau, row_offsets)
-
-    def rows(self, row_offsets: torch.Tensor | None = None) -> torch.Tensor:
-        return self.weight if row_offsets is None else self.weight + row_offsets.to(self.weight.dtype)
+    def forward(self, features, labels, mask=None, log_prior=None, tau: float = 0.0):
+        return self.loss(features, labels, mask, log_prior, tau)
 
     def loss(self, features: torch.Tensor, labels: torch.Tensor, mask: torch.Tensor | None = None,
-             log_prior: torch.Tensor | None = None, tau: float = 0.0,
-             row_offsets: torch.Tensor | None = None) -> torch.Tensor:
+             log_prior: torch.Tensor | None = None, tau: float = 0.0) -> torch.Tensor:
         """Mean cross-entropy over the global batch's rows where `mask` is true (every rank gets the
         same value). `tau * log_prior[class]` is added to the logits (logit adjustment). No row left
         anywhere gives 0 with zero gradients."""
@@ -130,7 +125,7 @@ class ShardedClassifier(nn.Module):
         adjust = self._adjustment(log_prior, tau)
         device = self.weight.device
         sizes = gather_sizes(features.shape[0], device, self.group)
-        weight = self.rows(row_offsets)
+        weight = self.weight
         if sum(sizes) == 0:
             return features.sum() * 0.0 + weight.sum() * 0.0
         labels = all_gather_rows(labels.to(device=device, dtype=torch.int64), sizes, self.group)
@@ -193,8 +188,7 @@ class ShardedClassifier(nn.Module):
     # -- inference -------------------------------------------------------------------------------
 
     @torch.no_grad()
-    def topk(self, features: torch.Tensor, k: int,
-             row_offsets: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    def topk(self, features: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
         """Softmax probabilities and global class indices of the min(k, C) best classes of each local
         row, best first.
 
@@ -217,7 +211,7 @@ class ShardedClassifier(nn.Module):
         idx = torch.full((rows, k), -1, dtype=torch.int64, device=device)
         m, s = torch.empty(rows, device=device), torch.empty(rows, device=device)
         with no_autocast(device):
-            w = self.rows(row_offsets).to(self._dtype())
+            w = self.weight.to(self._dtype())
             for sl in row_chunks(rows, self.chunk_rows):
                 logits = shard_logits(x[sl], w, None, w.dtype)
                 if kept:
@@ -236,7 +230,7 @@ class ShardedClassifier(nn.Module):
         return best[mine], cand_i.gather(1, pos)[mine]
 
     @torch.no_grad()
-    def full_weight(self, row_offsets: torch.Tensor | None = None) -> torch.Tensor:
+    def full_weight(self) -> torch.Tensor:
         """The whole W [C, d] on every rank (all-gather): only when it fits one device."""
         sizes = [b - a for a, b in (shard_range(self.num_classes, self.world_size, r) for r in range(self.world_size))]
-        return all_gather_rows(self.rows(row_offsets).detach(), sizes, self.group)
+        return all_gather_rows(self.weight.detach(), sizes, self.group)
