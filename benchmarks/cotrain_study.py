@@ -138,39 +138,14 @@ def prepare_set(workdir: Path, set_name: str, common: list[str]) -> None:
 
 
 def split_metrics(recognizer, manifest, split, params, device) -> dict:
-    from sicot.data.dataset import ProductImages
     from sicot.data.longtail import class_counts
-    from sicot.data.stream import ShardStream
-    from sicot.evaluate import predict, summarize
+    from sicot.evaluate import predict, split_stream, summarize
 
-    index = {sku: i for i, sku in enumerate(recognizer.classes)}
     counts = class_counts(manifest.train)
     batch_size = params.evaluate.batch_size
-    dataset = ShardStream(ProductImages(index, recognizer.image_size), manifest.root, manifest.shards[split],
-                          batch_size)
-    topk, labels = predict(recognizer, dataset, batch_size, device)
+    topk, labels = predict(recognizer, split_stream(recognizer, manifest, split, batch_size), batch_size, device)
     return summarize("", topk, labels, [counts.get(s, 0) for s in recognizer.classes],
                      params.evaluate.head_threshold)
-
-
-def class_means_of(recognizer, manifest, params):
-    """The recognizer's rows replaced by its class means over the training photos, as training exports them."""
-    import torch
-    from torch.utils.data import DataLoader
-
-    from sicot.data.dataset import ProductImages, collate
-    from sicot.data.stream import ShardStream
-    from sicot.model.class_means import class_feature_sums, class_mean_rows
-
-    index = {sku: i for i, sku in enumerate(recognizer.classes)}
-    batch_size = params.evaluate.batch_size
-    stream = ShardStream(ProductImages(index, recognizer.image_size), manifest.root, manifest.shards["train"],
-                         batch_size)
-    batches = ((b["image"], b["label"]) for b in DataLoader(stream, batch_size=batch_size, collate_fn=collate))
-    recognizer.eval()
-    sums, counts = class_feature_sums(recognizer.backbone, batches, (0, len(index)), recognizer.weight.shape[1],
-                                      torch.device("cpu"))
-    return class_mean_rows(recognizer.weight, sums, counts)
 
 
 def run_one(job: dict) -> dict:
@@ -196,7 +171,9 @@ def run_one(job: dict) -> dict:
     row.update(seconds=round(seconds, 1), val=split_metrics(recognizer, manifest, "val", params, device),
                test=split_metrics(recognizer, manifest, "test", params, device))
     if job.get("means"):  # the same visual stream with class-mean rows (`train.classifier_rows: class_means`)
-        recognizer.weight = class_means_of(recognizer, manifest, params)
+        from sicot.evaluate import class_mean_weight
+
+        recognizer.weight = class_mean_weight(recognizer, manifest, params.evaluate.batch_size, device)
         row["means"] = {split: split_metrics(recognizer, manifest, split, params, device) for split in ("val", "test")}
     if "text_encoder" in result:  # where the title attention goes (sicot.attention): 1.0 = blind to noise
         from sicot.attention import load_noise_words, measure_noise_attention

@@ -9,6 +9,10 @@ Writes, per model directory `paths.models/<model>/model.pt`:
   world, metrics.json then also holds how much of that attention lands on noise words (sicot.attention),
 and `reports/comparison.json` / `comparison.md` when both `baseline` and `sicot` exist.
 A group with no test image reports accuracy 0.0 with `images: 0`.
+
+The baseline is also scored with class-mean rows (`evaluate.class_means`, metrics.json's `class_means`):
+the strongest title-free baseline measured (docs/method.md), so the comparison shows what the titles add
+beyond it, not only beyond the plain baseline.
 """
 from __future__ import annotations
 
@@ -86,17 +90,38 @@ def per_class(topk: np.ndarray, labels: np.ndarray, classes: Sequence[str], trai
     return rows
 
 
+NOISE_NOTE = ("Seeds alone move tail top-1 by 1-3 points on the demo world (docs/method.md): a gain within "
+              "about twice that is noise.")
+
+
 def comparison(baseline: dict, cotraining: dict) -> tuple[dict, str]:
-    """The paper-style table: overall/head/tail x top-1/top-3, baseline vs co-training and the gain."""
+    """The paper-style table: overall/head/tail x top-1/top-3, baseline vs co-training and the gain, and
+    beside them the baseline with class-mean rows when it was scored (metrics.json's `class_means`)."""
+    means = baseline.get("class_means")
+
+    def value(metrics: dict, group: str, metric: str) -> float:
+        return metrics[metric] if group == "overall" else metrics[group][metric]
+
     rows = []
     for group, metric in COMPARED:
-        b = baseline[metric] if group == "overall" else baseline[group][metric]
-        s = cotraining[metric] if group == "overall" else cotraining[group][metric]
-        rows.append({"group": group, "metric": metric, "baseline": b, "cotraining": s, "gain": s - b})
-    table = ["| test accuracy (%) | baseline | co-training | gain |", "|---|---:|---:|---:|"]
-    table += [f"| {r['group']} top-{r['metric'][-1]} | {100 * r['baseline']:.1f} | {100 * r['cotraining']:.1f} "
-              f"| {100 * r['gain']:+.1f} |" for r in rows]
-    return {"baseline": baseline["model"], "cotraining": cotraining["model"], "rows": rows}, "\n".join(table) + "\n"
+        b, s = value(baseline, group, metric), value(cotraining, group, metric)
+        row = {"group": group, "metric": metric, "baseline": b, "cotraining": s, "gain": s - b}
+        if means is not None:
+            m = value(means, group, metric)
+            row |= {"baseline_class_means": m, "gain_over_class_means": s - m}
+        rows.append(row)
+    head = "| test accuracy (%) | baseline | co-training | gain |"
+    if means is not None:
+        head += " baseline, class means | gain over class means |"
+    table = [head, "|---" + "|---:" * (head.count("|") - 2) + "|"]
+    for r in rows:
+        line = (f"| {r['group']} top-{r['metric'][-1]} | {100 * r['baseline']:.1f} | {100 * r['cotraining']:.1f} "
+                f"| {100 * r['gain']:+.1f} |")
+        if means is not None:
+            line += f" {100 * r['baseline_class_means']:.1f} | {100 * r['gain_over_class_means']:+.1f} |"
+        table.append(line)
+    return ({"baseline": baseline["model"], "cotraining": cotraining["model"], "rows": rows, "note": NOISE_NOTE},
+            "\n".join(table) + f"\n\n{NOISE_NOTE}\n")
 
 
 # --- model outputs ------------------------------------------------------------------------------------
@@ -154,26 +179,47 @@ def csv_text(rows: list[dict]) -> str:
 
 # --- the step -----------------------------------------------------------------------------------------
 
+def split_stream(recognizer, manifest, split: str, batch_size: int):
+    """The photos of one split, labelled by the recognizer's class index, read shard by shard."""
+    from sicot.data.dataset import ProductImages
+    from sicot.data.stream import ShardStream
+
+    index = {sku: i for i, sku in enumerate(recognizer.classes)}
+    return ShardStream(ProductImages(index, recognizer.image_size), manifest.root, manifest.shards[split], batch_size)
+
+
 def score(model_uri: str, params: Params, manifest, device: torch.device):
     """(recognizer, top-3 class indices [N, 3], labels [N], training images per class) on the test split.
     A classifier over `evaluate.max_classifier_mb` is scored block by block from its files."""
-    from sicot.data.dataset import ProductImages
     from sicot.data.longtail import class_counts
-    from sicot.data.stream import ShardStream
     from sicot.model.recognizer import Recognizer
 
     recognizer = Recognizer.load(model_uri, max_classifier_mb=params.evaluate.max_classifier_mb)
-    index = {sku: i for i, sku in enumerate(recognizer.classes)}
-    unknown = sorted({r.sku for r in manifest.test} - index.keys())
+    unknown = sorted({r.sku for r in manifest.test} - set(recognizer.classes))
     if unknown:
         raise EvaluationError(f"{model_uri} does not know {len(unknown)} SKU(s) of the test split "
                               f"(e.g. {unknown[:3]}): it was trained on other data; retrain it")
     counts = class_counts(manifest.train)
     batch_size = params.evaluate.batch_size
-    dataset = ShardStream(ProductImages(index, recognizer.image_size), manifest.root, manifest.shards["test"],
-                          batch_size)
-    topk, labels = predict(recognizer, dataset, batch_size, device)
+    topk, labels = predict(recognizer, split_stream(recognizer, manifest, "test", batch_size), batch_size, device)
     return recognizer, topk, labels, [counts.get(sku, 0) for sku in recognizer.classes]
+
+
+def class_mean_weight(recognizer, manifest, batch_size: int, device: torch.device) -> torch.Tensor:
+    """The recognizer's rows replaced by its class means over the training photos, exactly as training
+    exports them with `train.classifier_rows: class_means` (sicot.model.class_means)."""
+    from torch.utils.data import DataLoader
+
+    from sicot.data.dataset import collate
+    from sicot.model.class_means import class_feature_sums, class_mean_rows
+
+    recognizer.to(device).eval()
+    loader = DataLoader(split_stream(recognizer, manifest, "train", batch_size), batch_size=batch_size,
+                        collate_fn=collate)
+    batches = ((b["image"].to(device), b["label"]) for b in loader)
+    weight = recognizer.weight
+    sums, counts = class_feature_sums(recognizer.backbone, batches, (0, weight.shape[0]), weight.shape[1], device)
+    return class_mean_rows(weight, sums, counts)
 
 
 def model_sha256(model_uri: str) -> str:
@@ -199,6 +245,14 @@ def report_model(name: str, model_dir: str, params: Params, manifest, device: to
     threshold = params.evaluate.head_threshold
     metrics = summarize(name, topk, labels, counts, threshold) | {"model_sha256": digest}
     rows = per_class(topk, labels, recognizer.classes, counts, threshold)
+    # The same visual stream with class-mean rows; a W too large to hold is scored from its files and
+    # skips this, as does a baseline whose exported rows already are the class means.
+    if (name == "baseline" and params.evaluate.class_means and params.train.classifier_rows != "class_means"
+            and recognizer.weight is not None):
+        recognizer.weight = class_mean_weight(recognizer, manifest, params.evaluate.batch_size, device)
+        means_topk, _ = predict(recognizer, split_stream(recognizer, manifest, "test", params.evaluate.batch_size),
+                                params.evaluate.batch_size, device)
+        metrics["class_means"] = summarize(f"{name}+class_means", means_topk, labels, counts, threshold)
 
     out = storage.join(params.paths.reports, name)
     encoder_uri = storage.join(model_dir, "text_encoder.pt")
@@ -264,6 +318,10 @@ def log_to_mlflow(params: Params, results: dict, table: dict | None) -> str:
             flat = {f"{name}.top1": metrics["top1"], f"{name}.top3": metrics["top3"]}
             flat.update({f"{name}.{g}.{m}": metrics[g][m] for g in GROUPS for m in ("top1", "top3")})
             flat.update({f"{name}.{key}": metrics[key] for key in NOISE_METRICS if key in metrics})
+            if "class_means" in metrics:
+                means = metrics["class_means"]
+                flat |= {f"{name}.class_means.top1": means["top1"], f"{name}.class_means.top3": means["top3"]}
+                flat |= {f"{name}.class_means.{g}.{m}": means[g][m] for g in GROUPS for m in ("top1", "top3")}
             tracking.log_metrics(flat)
             for key in storage.list_keys(storage.join(params.paths.reports, name)):
                 tracking.log_file(key, artifact_path=name)

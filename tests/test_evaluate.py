@@ -55,6 +55,24 @@ def test_comparison_table():
     assert rows["tail", "top1"]["gain"] == pytest.approx(0.75)
     assert "| overall top-1 | 37.5 | 100.0 | +62.5 |" in markdown
     assert markdown.splitlines()[0] == "| test accuracy (%) | baseline | co-training | gain |"
+    assert table["note"] in markdown and "seed" in table["note"].lower()
+
+
+def test_comparison_with_the_baselines_class_means():
+    """The baseline's class-mean score sits beside it, and the gain is also taken over it."""
+    base = summarize("baseline", TOPK, LABELS, TRAIN_COUNTS, 20)
+    base["class_means"] = summarize("baseline+class_means", TOPK[:, [1, 0, 2]], LABELS, TRAIN_COUNTS, 20)
+    sicot = summarize("sicot", np.tile(LABELS[:, None], (1, 3)), LABELS, TRAIN_COUNTS, 20)
+    table, markdown = comparison(base, sicot)
+    tail = next(r for r in table["rows"] if (r["group"], r["metric"]) == ("tail", "top1"))
+    means_tail = base["class_means"]["tail"]["top1"]
+    assert tail["baseline_class_means"] == means_tail and tail["gain_over_class_means"] == pytest.approx(1 - means_tail)
+    lines = markdown.splitlines()
+    assert lines[0] == ("| test accuracy (%) | baseline | co-training | gain | baseline, class means "
+                        "| gain over class means |")
+    assert lines[1] == "|---|---:|---:|---:|---:|---:|"
+    overall = 100 * base["class_means"]["top1"]
+    assert f"| overall top-1 | 37.5 | 100.0 | +62.5 | {overall:.1f} | {100 - overall:+.1f} |" in lines
 
 
 def test_evaluate_model_writes_the_reports(tiny_world, tmp_path, monkeypatch):
@@ -84,6 +102,9 @@ def test_evaluate_model_writes_the_reports(tiny_world, tmp_path, monkeypatch):
         assert len(rows) == 6 and sum(int(r["test_images"]) for r in rows) == 18
         assert (reports / model / "per_class.png").read_bytes()[:4] == b"\x89PNG"
     assert not (reports / "baseline" / "attention.html").exists()
+    means = out["models"]["baseline"]["class_means"]  # evaluate.class_means: on by default
+    assert means["model"] == "baseline+class_means" and means["tail"]["images"] == metrics["tail"]["images"]
+    assert "class_means" not in out["models"]["sicot"]
     page = (reports / "sicot" / "attention.html").read_text(encoding="utf-8")
     assert page.count("<tr><td>SKU") == 4  # evaluate.attention_samples
     sicot = out["models"]["sicot"]
@@ -95,12 +116,14 @@ def test_evaluate_model_writes_the_reports(tiny_world, tmp_path, monkeypatch):
     table = json.loads((reports / "comparison.json").read_text())
     assert table["baseline"] == "baseline" and table["cotraining"] == "sicot" and len(table["rows"]) == 6
     assert (reports / "comparison.md").read_text().startswith("| test accuracy (%) |")
+    assert table["rows"][0]["baseline_class_means"] == means["top1"]
 
     import mlflow
 
     run = mlflow.MlflowClient().get_run(out["run_id"])
     assert run.data.metrics["sicot.top1"] == pytest.approx(out["models"]["sicot"]["top1"])
     assert run.data.metrics["sicot.attention_noise_ratio"] == pytest.approx(sicot["attention_noise_ratio"])
+    assert run.data.metrics["baseline.class_means.tail.top1"] == pytest.approx(means["tail"]["top1"])
     assert {a.path for a in mlflow.MlflowClient().list_artifacts(out["run_id"])} >= {"baseline", "sicot",
                                                                                       "comparison.json"}
 

@@ -66,7 +66,7 @@ def test_first_run_is_clean_and_says_what_each_step_did(first_run):
 def test_first_run_trains_compares_promotes_and_publishes(demo, first_run, params):
     states = task_states(first_run.output)
     assert all(states.get(step) == "Completed" for step in STEPS), (states, first_run.explain())
-    assert "| test accuracy (%) | baseline | co-training | gain |" in first_run.output
+    assert "| test accuracy (%) | baseline | co-training | gain | baseline, class means |" in first_run.output
     assert "| tail top-1 |" in first_run.output
 
     skus, test_images = params["data"]["skus"], params["data"]["skus"] * params["data"]["test_per_class"]

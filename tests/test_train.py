@@ -362,6 +362,13 @@ def test_class_means_are_the_exported_rows(tiny_world, tmp_path):
     means = torch.zeros(len(index), features.shape[1]).index_add_(0, labels, F.normalize(features, dim=-1))
     expected = F.normalize(means, dim=1) * trained.norm(dim=1).mean()
     torch.testing.assert_close(recognizer.state_dict()["weight"], expected, rtol=1e-4, atol=1e-5)
+    # The evaluation's post-hoc class means of a trained W (the comparison's strongest baseline) are these rows.
+    from sicot.evaluate import class_mean_weight
+
+    recognizer.weight = trained.float()
+    torch.testing.assert_close(class_mean_weight(recognizer, manifest, 64, torch.device("cpu")), expected,
+                               rtol=1e-4, atol=1e-5)
+
 
 def test_the_exported_image_only_model_predicts_what_training_scored(tiny_world, tmp_path):
     """The deployed model has no titles: the backbone and W of a SICoT run predict the validation split
