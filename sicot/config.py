@@ -195,9 +195,10 @@ class Evaluate:
                                    "holds at once; a larger W is scored from its files block by block (same top-k)")
     attention_samples: int = opt(20, ge=0, help="test titles shown in SICoT's word-attention view "
                                                 "(attention.html)")
-    class_means: bool = opt(True, help="also score the baseline with class-mean rows (one inference pass over "
-                            "the training photos) and show it in the comparison: the strongest title-free "
-                            "baseline measured; skipped for a W scored from its files")
+    class_means: bool = opt(True, help="also score the baseline with class-mean rows and show it in the "
+                            "comparison: the strongest title-free baseline measured. Costs one forward pass over "
+                            "the training photos (about a third of a training epoch) and a second [classes, d] "
+                            "buffer; skipped for a W scored from its files")
 
 
 @dataclass
