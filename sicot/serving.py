@@ -33,10 +33,13 @@ the next check tries again.
 Limits on hostile input (`serve.*`, logged in the model's config): the image count (`max_images`) and
 every image's header (`formats`, an allow-list handed to Pillow so other parsers never run;
 `max_pixels` per image; `max_request_pixels` for the request as a whole) are checked before any image
-is decoded, and at most `max_decodes` images are decoded at once in a worker, so its decode memory is
-bounded whatever the number of clients; a JPEG is decoded at reduced scale (`JPEG_MARGIN`). One forward
-pass of at most `max_batch` images runs at a time in a worker, which bounds its activation memory. The
-request-body limit (`max_request_bytes`) is the HTTP server's: `sicot.serving_app`.
+is decoded, and images are decoded in a worker's pool of `max_decodes` threads, so its decode memory is
+bounded whatever the number of clients (a pool rather than a semaphore: glibc gives each decoding thread
+its own malloc arena, which keeps freed pixels resident, so decodes spread over every request thread
+grew a worker to 3.8× one decode with 2 at a time and 8 clients); a JPEG is decoded at reduced scale
+(`JPEG_MARGIN`). One forward pass of at most `max_batch` images runs at a time in a worker, which bounds
+its activation memory. The request-body limit (`max_request_bytes`) is the HTTP server's:
+`sicot.serving_app`.
 
 The model is logged from code, not pickled: its code file is `served_model.py`, a stub that imports
 this installed package, and `verify_model_code` refuses a model whose copy of it differs by sha256.
@@ -54,6 +57,7 @@ import logging
 import math
 import os
 import threading
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from time import monotonic
 from typing import Any
@@ -134,7 +138,7 @@ class Recognition:
         self.top_k, self.min_score, self.min_similarity = top_k, min_score, min_similarity
         self.max_images, self.max_pixels, self.max_request_pixels = max_images, max_pixels, max_request_pixels
         self.formats = accepted_formats(formats)
-        self.decodes = threading.BoundedSemaphore(max_decodes)
+        self.decoder = ThreadPoolExecutor(max_decodes, thread_name_prefix="decode")
         self.batcher = Batcher(self._forward, max_batch, max_wait_ms / 1000)
         self.index_root, self.index_refresh_s = index_root, index_refresh_s
         self.products = self._first_products()
@@ -284,14 +288,15 @@ class Recognition:
                                "pixels per request (serve.max_request_pixels)")
 
     def _pixels(self, img):
-        """The model input for one opened image. At most `max_decodes` run at once in this process: the
-        full-size pixels exist only in here."""
-        with self.decodes:
-            try:
-                size = self.model.image_size
-                return to_tensor(decode_opened(img, min_size=JPEG_MARGIN * size), size)
-            finally:
-                img.close()  # frees the decoded pixels now rather than when the request ends
+        """The model input for one opened image, made in the decode pool: the full-size pixels exist only
+        in its `max_decodes` threads."""
+        return self.decoder.submit(self._decode, img).result()
+
+    def _decode(self, img):
+        try:
+            return to_tensor(decode_opened(img, min_size=JPEG_MARGIN * self.model.image_size), self.model.image_size)
+        finally:
+            img.close()  # frees the decoded pixels now rather than when the request ends
 
     def _error(self, message: str, index_version: str | None) -> dict:
         return {"status": "error", "error": message, "matches": [], "new_arrivals": [],

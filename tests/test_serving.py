@@ -330,7 +330,8 @@ def test_at_most_max_decodes_images_are_decoded_at_once_whatever_the_clients(dep
             client.join(timeout=120)
     assert len(answers) == 8 and all(a["status"] != "error" for a in answers)
     assert most[0] == 2
-    assert eight["growth"] < 3.5 * one["growth"], (one, eight)  # 8 at once would be about 8x
+    # 2 at a time is about 2x, 8 at once about 8x; 2 at a time in the clients' own threads was 2.8-3.8x
+    assert eight["growth"] < 3 * one["growth"], (one, eight)
 
 
 # ---- the logged model: code, not a pickle --------------------------------------------------------
