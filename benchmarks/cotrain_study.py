@@ -125,6 +125,13 @@ def pretrain_backbone(workdir: Path, overrides: list[str], name: str = "source")
     return path
 
 
+def world_source(workdir: Path, set_name: str, common: list[str]) -> Path:
+    """The source of a set: a visual stream pretrained on other products of the set's own generator."""
+    world = [o for o in SETS[set_name] if o.startswith("data.world=")]
+    return pretrain_backbone(workdir, [*common, *SOURCE, *world],
+                             name="source-" + (world[0].split("=")[1] if world else "packaged"))
+
+
 def prepare_set(workdir: Path, set_name: str, common: list[str]) -> None:
     params = _params(workdir, set_name, common)
     if not (Path(params.paths.prepared) / "labels.json").exists():

@@ -34,12 +34,11 @@ from pathlib import Path
 from benchmarks.cotrain_study import (
     LA,
     SETS,
-    SOURCE,
     _ms,
     load_results,
     prepare_set,
-    pretrain_backbone,
     run_jobs,
+    world_source,
 )
 
 # 1x: six epochs from the pretrained stream, λ ramped up over two; 2x: twelve, the ramp over four, the
@@ -137,10 +136,7 @@ def main(argv: list[str] | None = None) -> None:
     threads = max(1, (os.cpu_count() or 2) // args.workers)
     common: dict[str, list[str]] = {}
     for set_name in args.sets:
-        world = [o for o in SETS[set_name] if o.startswith("data.world=")]
-        source = pretrain_backbone(workdir, [*args.common, *SOURCE, *world], name="source-" + (
-            world[0].split("=")[1] if world else "packaged"))
-        common[set_name] = [*args.common, f"train.backbone_weights={source}"]
+        common[set_name] = [*args.common, f"train.backbone_weights={world_source(workdir, set_name, args.common)}"]
         prepare_set(workdir, set_name, common[set_name])
     results_path = workdir / "results.jsonl"
 
