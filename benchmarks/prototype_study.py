@@ -4,6 +4,7 @@ tail products' means predicted from their titles.
     python -m benchmarks.prototype_study --workdir .bench/prototypes                 # informative, seed 0
     python -m benchmarks.prototype_study --workdir .bench/prototypes --sets apparel --seeds 0 1 2
     python -m benchmarks.prototype_study --report .bench/prototypes/results.json      # the tables again
+    python -m benchmarks.prototype_study --budget _2x ...   # visual streams trained twice as long: results_2x.json
 
 Per set and seed: the visual-only baseline and the baseline with logit adjustment are trained as in
 `benchmarks/side_info_study.py` (six epochs from the source pretrained on its own world, its 1x budget; kept under
@@ -187,6 +188,8 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--ridge", type=float, default=1.0)
     p.add_argument("--configs", nargs="+", default=list(CONFIGS), choices=list(CONFIGS),
                    help="whose features: the visual-only baseline, with logit adjustment, co-trained (as shipped)")
+    p.add_argument("--budget", default="", choices=list(BUDGETS), help="the side-information study's budget "
+                   "the visual streams are trained at: 1x (default) or _2x (twice as long)")
     p.add_argument("--report", metavar="RESULTS_JSON", help="print the tables of a stored results.json and exit")
     args = p.parse_args(argv)
     if args.report:
@@ -206,8 +209,8 @@ def main(argv: list[str] | None = None) -> None:
         for seed in args.seeds:
             for config in args.configs:
                 overrides = CONFIGS[config]
-                out = workdir / set_name / "keep" / f"{config}-s{seed}"
-                params = _params(workdir, set_name, [*common, *overrides, *BUDGETS[""], f"train.seed={seed}",
+                out = workdir / set_name / "keep" / f"{config}{args.budget}-s{seed}"
+                params = _params(workdir, set_name, [*common, *overrides, *BUDGETS[args.budget], f"train.seed={seed}",
                                                      f"paths.models={out}"])
                 model = out / params.train.mode / "model.pt"
                 if not model.exists():
@@ -228,10 +231,10 @@ def main(argv: list[str] | None = None) -> None:
                     for name, scores in scored.items():
                         if split == "val" and name == "NCM + val photos":
                             continue  # its rows hold the validation photos
-                        results.append({"set": set_name, "seed": seed, "features": config, "classifier": name,
-                                        "split": split, **top1(scores, labels, head),
+                        results.append({"set": set_name, "seed": seed, "features": config + args.budget,
+                                        "classifier": name, "split": split, **top1(scores, labels, head),
                                         **sibling_errors(scores, labels, head, lines, variants)})
-    (workdir / "results.json").write_text(json.dumps(results, indent=1) + "\n")
+    (workdir / f"results{args.budget}.json").write_text(json.dumps(results, indent=1) + "\n")
     print(table(results) + "\n\n" + paired(results))
 
 
