@@ -4,6 +4,7 @@ tail products' means predicted from their titles.
     python -m benchmarks.prototype_study --workdir .bench/prototypes                 # informative, seed 0
     python -m benchmarks.prototype_study --workdir .bench/prototypes --sets apparel --seeds 0 1 2
     python -m benchmarks.prototype_study --report .bench/prototypes/results.json      # the tables again
+    python -m benchmarks.prototype_study --report A/results.json B/results_2x.json   # several runs' tables
     python -m benchmarks.prototype_study --budget _2x ...   # visual streams trained twice as long: results_2x.json
 
 Per set and seed: the visual-only baseline and the baseline with logit adjustment are trained as in
@@ -23,6 +24,10 @@ features of the validation and test photos (top-1 overall / head / tail, %):
   the mean log-probability of its idf-weighted words. `balanced classes`: the same regression with the photo's
   class as its only word (no titles: the control). `NCM + w ...`: either added to the class means as rows
   (`unit mean + w · Σ_word T · detector`, biases left out: an ordinary linear classifier an export could hold);
+- `shipped w λr title words`: the same idea as shipped (`train.classifier_rows: title_words`,
+  sicot.model.title_words): class-balanced ridge detectors in closed form (λ = r · mean feature variance), rows
+  = unit mean + w · the class's idf-weighted detectors scaled to a mean norm of 1; `shipped w λr balanced
+  classes` is its control;
 - `NCM + val photos` (test only): each tail class's mean also over its validation photos (10 more per
   product): what a far better estimate of the tail's rows is worth, whatever it is estimated from.
 
@@ -30,6 +35,10 @@ Beside each classifier's test top-1, where its wrong answers on tail photos go: 
 the same line (the same brand and category, from the catalog's tags), and of those the share naming a sibling
 with the same variant words (scent, flavour; colour, fabric), i.e. one that differs only in its package size or
 label pattern, each against what a wrong answer drawn at random would give.
+
+The last table sets the shipped rows (params.yaml's train.title_words_weight, sicot.model.title_words.RIDGE)
+against the strongest title-free classifier per set and budget (the baseline's or, with `--configs baseline
+baseline_la`, logit adjustment's trained rows or class means, picked on validation top-1).
 
 Benchmarks measure, they assert nothing.
 """
@@ -121,6 +130,9 @@ def sibling_errors(scores: torch.Tensor, labels: torch.Tensor, head: torch.Tenso
 # a start for a few hundred Adam steps.
 DETECTOR_SCALE = 10.0
 ATTRIBUTE_WEIGHTS = (0.01, 0.03, 0.1)  # w: how much of the detectors goes into the class-mean rows
+# The shipped form's train.title_words_weight and ridge (sicot.model.title_words.RIDGE) screened.
+SHIPPED_WEIGHTS = (0.1, 0.2, 0.3, 0.5, 0.7, 1.0)
+SHIPPED_RIDGES = (0.01, 0.1, 1.0)
 
 
 def detectors(unit: torch.Tensor, targets: torch.Tensor, weights: torch.Tensor, weight_decay: float = 1e-4,
@@ -141,6 +153,8 @@ def detectors(unit: torch.Tensor, targets: torch.Tensor, weights: torch.Tensor, 
 def classifiers(recognizer, manifest, params, ridge: float) -> tuple[dict, dict, torch.Tensor, torch.Tensor]:
     """({name: unit rows [C, d], scored against unit features}, {name: unit features -> scores [n, C]},
     training photos per class, head mask)."""
+    from sicot.model.class_means import class_mean_rows
+    from sicot.model.title_words import TitleWordSums
     from sicot.text.word2vec import UNK, Vocabulary
 
     train, labels = features(recognizer, manifest, "train")
@@ -177,6 +191,23 @@ def classifiers(recognizer, manifest, params, ridge: float) -> tuple[dict, dict,
         for weight in ATTRIBUTE_WEIGHTS:
             combined = F.normalize(means, dim=1) + weight * DETECTOR_SCALE * look
             scorers[f"NCM + {weight} {name}"] = lambda u, r=combined: u @ r.t()
+    # As shipped (`train.classifier_rows: title_words`, sicot.model.title_words): ridge detectors in closed form,
+    # scored as exported rows; and the same with the photo's class as its only word (the control).
+    tokens = torch.zeros(len(titles), params.train.max_title_len, dtype=torch.long)
+    for i, ids in enumerate(titles):
+        tokens[i, :len(ids)] = torch.tensor(ids, dtype=torch.long)
+    for ridge in SHIPPED_RIDGES:
+        for name, (ids, size) in {"title words": (tokens, len(vocab)),
+                                  "balanced classes": ((labels + UNK + 1)[:, None], classes + UNK + 1)}.items():
+            sums = TitleWordSums(counts[:, 0], (0, classes), size, ids.shape[1], train.shape[1], torch.device("cpu"),
+                                 ridge=ridge)
+            sums.add_photos(unit, labels, ids)
+            sums.add_titles(labels, ids)
+            attributes = sums.attribute_rows()
+            for weight in SHIPPED_WEIGHTS:
+                shipped = class_mean_rows(means, counts * means, counts[:, 0], attributes=attributes,
+                                          weight=weight)
+                scorers[f"shipped {weight} λ{ridge} {name}"] = lambda u, r=shipped: u @ r.t()
     return {name: F.normalize(r, dim=1) for name, r in rows.items()}, scorers, counts[:, 0], head
 
 
@@ -190,11 +221,11 @@ def main(argv: list[str] | None = None) -> None:
                    help="whose features: the visual-only baseline, with logit adjustment, co-trained (as shipped)")
     p.add_argument("--budget", default="", choices=list(BUDGETS), help="the side-information study's budget "
                    "the visual streams are trained at: 1x (default) or _2x (twice as long)")
-    p.add_argument("--report", metavar="RESULTS_JSON", help="print the tables of a stored results.json and exit")
+    p.add_argument("--report", metavar="RESULTS_JSON", nargs="+",
+                   help="print the tables of stored results.json files (sets, budgets) together and exit")
     args = p.parse_args(argv)
     if args.report:
-        results = json.loads(Path(args.report).read_text())
-        print(table(results) + "\n\n" + paired(results))
+        print(report([r for path in args.report for r in json.loads(Path(path).read_text())]))
         return
     torch.set_num_threads(1)
     from sicot.data.prepared import load_prepared
@@ -235,7 +266,38 @@ def main(argv: list[str] | None = None) -> None:
                                         "classifier": name, "split": split, **top1(scores, labels, head),
                                         **sibling_errors(scores, labels, head, lines, variants)})
     (workdir / f"results{args.budget}.json").write_text(json.dumps(results, indent=1) + "\n")
-    print(table(results) + "\n\n" + paired(results))
+    print(report(results))
+
+
+def report(results: list[dict]) -> str:
+    from sicot.config import load_params
+    from sicot.model.title_words import RIDGE
+
+    shipped = f"shipped {load_params('params.yaml').train.title_words_weight} λ{RIDGE} title words"
+    return (table(results) + "\n\n" + paired(results) + "\n\n" + pick(results) + "\n\n"
+            + final(results, shipped))
+
+
+def pick(results: list[dict], max_head_drop: float = 1.0) -> str:
+    """The shipped settings picked on validation at the 1x budget: the largest mean tail gain over the class
+    means (averaged over sets) among those whose mean head drop is at most `max_head_drop` points in every set."""
+    by = {(r["set"], r["seed"], r["classifier"]): r for r in results
+          if r["split"] == "val" and r["features"] == "baseline"}
+    sets = sorted({k[0] for k in by})
+    gains: dict[str, list[tuple[float, float]]] = {}
+    for name in dict.fromkeys(k[2] for k in by if k[2].startswith("shipped") and k[2].endswith("title words")):
+        for set_name in sets:
+            seeds = [k[1] for k in by if k[0] == set_name and k[2] == name]
+            diff = [(by[(set_name, s, name)]["head"] - by[(set_name, s, "NCM")]["head"],
+                     by[(set_name, s, name)]["tail"] - by[(set_name, s, "NCM")]["tail"]) for s in seeds]
+            head, tail = zip(*diff)
+            gains.setdefault(name, []).append((sum(head) / len(head), sum(tail) / len(tail)))
+    eligible = {n: sum(t for _, t in g) / len(g) for n, g in gains.items() if all(h >= -max_head_drop for h, _ in g)}
+    if not eligible:
+        return f"no shipped setting keeps the validation head within {max_head_drop} point of the class means"
+    best = max(eligible, key=eligible.get)
+    return (f"picked on validation (1x, head within {max_head_drop} point in {', '.join(sets)}): {best}, "
+            f"mean tail {eligible[best]:+.1f} points over the class means")
 
 
 def table(results: list[dict]) -> str:
@@ -256,22 +318,53 @@ def table(results: list[dict]) -> str:
     return "\n".join(lines)
 
 def paired(results: list[dict]) -> str:
-    """Markdown: test top-1 head / tail of the class means plus title-word detectors, minus NCM (the strongest
-    baseline) and minus the title-free control at the same weight, paired by set and seed, mean ± std."""
+    """Markdown: top-1 head / tail of the class means plus title words (screened and shipped forms), minus NCM
+    (the strongest baseline; on validation and test) and minus the title-free control at the same settings
+    (test), paired by set and seed, mean ± std."""
     from benchmarks.cotrain_study import _ms
 
-    test = {(r["set"], r["seed"], r["features"], r["classifier"]): r for r in results if r["split"] == "test"}
-    lines = ["| set | features | w | seeds | head vs NCM | tail vs NCM | head vs control | tail vs control |",
-             "|---|---|---:|---:|---:|---:|---:|---:|"]
-    for set_name, config in dict.fromkeys((k[0], k[2]) for k in test):
-        for weight in ATTRIBUTE_WEIGHTS:
-            runs = [(r, test[(s, seed, c, "NCM")], test[(s, seed, c, f"NCM + {weight} balanced classes")])
-                    for (s, seed, c, name), r in test.items()
-                    if (s, c, name) == (set_name, config, f"NCM + {weight} title words")]
-            if runs:
-                cells = [_ms([(run[0][k] - run[against][k]) / 100 for run in runs])
-                         for against in (1, 2) for k in ("head", "tail")]
-                lines.append(f"| {set_name} | {config} | {weight} | {len(runs)} | " + " | ".join(cells) + " |")
+    by = {(r["set"], r["seed"], r["features"], r["classifier"], r["split"]): r for r in results}
+    lines = ["| set | features | rows | seeds | val head vs NCM | val tail vs NCM | head vs NCM | tail vs NCM "
+             "| head vs control | tail vs control |", "|---|---|---|---:|---:|---:|---:|---:|---:|---:|"]
+    for set_name, config, name in dict.fromkeys((k[0], k[2], k[3]) for k in by if k[3].endswith("title words")):
+        runs = [seed for (s, seed, c, n, split) in by if (s, c, n, split) == (set_name, config, name, "test")]
+        cells, control = [], name.replace("title words", "balanced classes")
+        for split, against in (("val", "NCM"), ("test", "NCM"), ("test", control)):
+            for k in ("head", "tail"):
+                cells.append(_ms([(by[(set_name, seed, config, name, split)][k]
+                                   - by[(set_name, seed, config, against, split)][k]) / 100 for seed in runs]))
+        lines.append(f"| {set_name} | {config} | {name.removesuffix(' title words')} | {len(runs)} | "
+                     + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def final(results: list[dict], shipped: str) -> str:
+    """Markdown: per set and budget, the strongest title-free classifier (the baseline's or logit adjustment's
+    trained rows or class means, picked on mean validation top-1) against the class means plus title words
+    at the shipped settings (`shipped`, a classifier name), test top-1 overall / head / tail (means over
+    seeds), and head and tail paired by seed."""
+    from benchmarks.cotrain_study import _ms
+
+    by = {(r["set"], r["seed"], r["features"], r["classifier"], r["split"]): r for r in results}
+    lines = ["| set | budget | strongest baseline | test | title-word rows | test | head vs baseline | "
+             "tail vs baseline |", "|---|---|---|---|---|---|---:|---:|"]
+    mean = lambda runs, k: sum(r[k] for r in runs) / len(runs)  # noqa: E731
+    for set_name, budget in dict.fromkeys((k[0], k[2].removeprefix("baseline").removeprefix("_la")) for k in by):
+        seeds = sorted({k[1] for k in by if k[0] == set_name})
+        candidates = {f"{features} {name}": [by[(set_name, seed, features, name, split)] for seed in seeds]
+                      for features in ("baseline" + budget, "baseline_la" + budget) for name in ("W", "NCM")
+                      for split in ("val",) if all((set_name, seed, features, name, split) in by for seed in seeds)}
+        key = f"baseline{budget}"
+        if not candidates or any((set_name, seed, key, shipped, "test") not in by for seed in seeds):
+            continue
+        strongest = max(candidates, key=lambda c: mean(candidates[c], "all"))
+        features, name = strongest.split(" ", 1)
+        base = [by[(set_name, seed, features, name, "test")] for seed in seeds]
+        ours = [by[(set_name, seed, key, shipped, "test")] for seed in seeds]
+        top = lambda runs: " / ".join(f"{mean(runs, k):.1f}" for k in ("all", "head", "tail"))  # noqa: E731
+        gains = [_ms([(o[k] - b[k]) / 100 for o, b in zip(ours, base)]) for k in ("head", "tail")]
+        lines.append(f"| {set_name} | {budget.strip('_') or '1x'} | {strongest} | {top(base)} | {shipped} | "
+                     f"{top(ours)} | {gains[0]} | {gains[1]} |")
     return "\n".join(lines)
 
 

@@ -139,11 +139,15 @@ class Train:
                                             "0 = the naive form, which loses to the baseline")
     logit_adjust_tau: float = opt(0.0, ge=0.0, help="τ of logit adjustment in the loss (Menon et al.: "
                                                     "logits + τ·log prior); 0 = off")
-    classifier_rows: str = opt("trained", choices=("trained", "class_means"),
-                               help="the exported classifier's rows: the trained W, or each class's mean "
+    classifier_rows: str = opt("trained", choices=("trained", "class_means", "title_words"),
+                               help="the exported classifier's rows: the trained W; each class's mean "
                                     "normalised training feature (nearest class mean: every class counts the "
-                                    "same whatever its photos, the largest tail gain measured; one more pass "
-                                    "over the training photos; docs/method.md)")
+                                    "same whatever its photos); or those means plus what the class's title "
+                                    "words look like, learnt from every photo whose title holds them "
+                                    "(sicot.model.title_words; needs the word2vec vocabulary). One more pass "
+                                    "over the training photos; docs/method.md")
+    title_words_weight: float = opt(0.5, ge=0.0, help="title_words rows: the title words' part of a row, as "
+                                                      "a share of the class mean's norm")
     epochs: int = opt(12, ge=1, help="training epochs")
     batch_size: int = opt(64, ge=1, help="training images per step in each process")
     lr: float = opt(0.1, gt=0.0, help="SGD learning rate of the first epoch")

@@ -54,6 +54,7 @@ from sicot.model.recognizer import Recognizer, save_sharded
 from sicot.model.sicot import CoTraining, SICoT
 from sicot.model.starting_point import StartingPoint, load_starting_point
 from sicot.model.text_encoders import create_text_encoder, save_text_encoder
+from sicot.model.title_words import TitleWordSums
 from sicot.text.word2vec import Vocabulary
 
 CHECKPOINT_FORMAT = "sicot.checkpoint/1"
@@ -151,7 +152,7 @@ class TrainingData:
     train: ProductImages  # what one training image becomes (augmented)
     val: ProductImages
     train_counts: list[int]
-    vocab: Vocabulary | None  # SICoT mode only
+    vocab: Vocabulary | None  # SICoT mode, or title-word rows
 
 
 def load_data(params: Params) -> TrainingData:
@@ -169,9 +170,10 @@ def load_data(params: Params) -> TrainingData:
         raise TrainError(f"{labels_uri}: classes differ from the SKUs in {prepared}/train.jsonl; "
                          "re-run prepare_data")
     vocab, encode = None, None
+    if params.train.mode == "sicot" or params.train.classifier_rows == "title_words":
+        vocab = Vocabulary.load(params.paths.word2vec)
     if params.train.mode == "sicot":
-        vocab, max_title_len = Vocabulary.load(params.paths.word2vec), params.train.max_title_len
-        encode = lambda title: vocab.encode(title, max_title_len)  # noqa: E731
+        encode = title_encoder(vocab, params)
     index = {sku: i for i, sku in enumerate(classes)}
     counts = class_counts(manifest.train)
     image_size = params.train.image_size
@@ -183,6 +185,11 @@ def load_data(params: Params) -> TrainingData:
         train=ProductImages(index, image_size, encode_title=encode, augment=True, cache_bytes=train_share),
         val=ProductImages(index, image_size, encode_title=encode, cache_bytes=budget - train_share),
         train_counts=[counts[sku] for sku in classes], vocab=vocab)
+
+
+def title_encoder(vocab: Vocabulary, params: Params):
+    """A title's token ids, cut to train.max_title_len."""
+    return lambda title: vocab.encode(title, params.train.max_title_len)
 
 
 # --- model -------------------------------------------------------------------------------------------
@@ -492,14 +499,20 @@ def log_prior_of(data: TrainingData, params: Params, device: torch.device) -> to
 
 @torch.no_grad()
 def exported_rows(training: TrainingSetup, data: TrainingData) -> torch.Tensor:
-    """This rank's rows of the exported W: the trained rows, or the class means of the training photos
-    (`train.classifier_rows`); collective."""
+    """This rank's rows of the exported W: the trained rows, or the class means of the training photos, alone
+    or with their title words (`train.classifier_rows`); collective."""
     params, model, process = training.params, training.model, training.process
     trained = model.classifier.weight.detach()
-    if params.train.classifier_rows == "trained":
+    rows_from = params.train.classifier_rows
+    if rows_from == "trained":
         return trained
+    words, encode = None, None
+    if rows_from == "title_words":
+        words = TitleWordSums(torch.tensor(data.train_counts), model.classifier.class_range, len(data.vocab),
+                              params.train.max_title_len, model.dim, process.device)
+        encode = title_encoder(data.vocab, params)
     # Every photo once, unaugmented, each rank its own shards (the training stream pads ranks to equal runs).
-    images = ProductImages(data.train.class_index, params.train.image_size)
+    images = ProductImages(data.train.class_index, params.train.image_size, encode_title=encode)
     mine = data.shards["train"][process.rank::process.world_size]
     stream = ShardStream(images, data.prepared, mine, params.evaluate.batch_size)
     loader = DataLoader(stream, batch_size=params.evaluate.batch_size, collate_fn=collate,
@@ -509,15 +522,17 @@ def exported_rows(training: TrainingSetup, data: TrainingData) -> torch.Tensor:
         with torch.autocast(process.device.type, dtype=torch.bfloat16, enabled=training.amp):
             return model.backbone(images)
 
-    batches = ((b["image"], b["label"]) for b in map(training.to_device, loader))
+    batches = ((b["image"], b["label"], b["tokens"]) for b in map(training.to_device, loader))
     sums, counts = class_feature_sums(features_of, batches, model.classifier.class_range, model.dim,
-                                      process.device, training.group)
+                                      process.device, training.group, words)
     found = torch.stack([counts.sum(), (counts == 0).sum()])
     if is_sharded(model):
         dist.all_reduce(found, group=training.group)
-    say(process, f"classifier rows: the class means of {found[0]} training photos ({found[1]} classes without "
-                 "photos keep their trained rows)")
-    return class_mean_rows(trained, sums, counts, training.group)
+    title = f" plus {params.train.title_words_weight} x their title words" if words else ""
+    say(process, f"classifier rows: the class means of {found[0]} training photos{title} ({found[1]} classes "
+                 "without photos keep their trained rows)")
+    attributes = words.attribute_rows(training.group) if words else None
+    return class_mean_rows(trained, sums, counts, training.group, attributes, params.train.title_words_weight)
 
 
 def write_outputs(training: TrainingSetup, data: TrainingData, history: list, out_dir: str) -> dict:

@@ -332,6 +332,63 @@ def class_means_match_single_process(rank, world, root):
     close(rows, expected[lo:hi], "class-means rows", rtol=1e-5, atol=1e-5)
 
 
+def title_word_rows_reference(x, y, tokens, classes, vocab_size, ridge):
+    """The title words' rows by the textbook formula over all photos at once (float64): the class-balanced,
+    centred ridge regression U of each photo's held words on its unit feature, then T · U, T the classes'
+    idf-weighted words, scaled to a mean norm of 1 over the classes with words."""
+    unit = F.normalize(x.double(), dim=-1)
+    photos = torch.bincount(y, minlength=classes).double()
+    weight = 1 / ((photos > 0).sum() * photos[y])
+    holds = torch.zeros(len(y), vocab_size, dtype=torch.float64)
+    for i, ids in enumerate(tokens.tolist()):
+        holds[i, [t for t in ids if t > 1]] = 1  # 0: padding, 1: unknown
+    xc = unit - (weight[:, None] * unit).sum(0)
+    yc = holds - (weight[:, None] * holds).sum(0)
+    covariance = xc.t() @ (weight[:, None] * xc)
+    covariance += ridge * covariance.trace() / x.shape[1] * torch.eye(x.shape[1], dtype=torch.float64)
+    detectors = torch.linalg.solve(covariance, xc.t() @ (weight[:, None] * yc)).t()
+    holding = torch.zeros(classes, vocab_size, dtype=torch.float64).index_add_(0, y, holds)
+    idf = torch.log((photos > 0).sum() / (holding > 0).sum(0).clamp_min(1))
+    looks = holding / photos.clamp_min(1)[:, None] * idf
+    looks = looks / looks.sum(1, keepdim=True).clamp_min(1e-12)
+    rows = looks @ detectors
+    norms = rows.norm(dim=1)
+    return (rows / norms[norms > 0].mean()).float()
+
+
+def title_word_rows_match_single_process(rank, world, root):
+    """Title-word rows of a sharded W, each rank streaming its own photos (one rank none on 3 ranks), titles
+    padded to different widths per batch, equal the textbook formula over all photos; a class without photos
+    keeps its trained row."""
+    from sicot.model.class_means import class_feature_sums, class_mean_rows
+    from sicot.model.title_words import RIDGE, TitleWordSums
+    from sicot.parallel.sharded_classifier import shard_range
+
+    gen = torch.Generator().manual_seed(11)
+    n, vocab, width = 40, 9, 5
+    x, y = torch.randn(n, DIM, generator=gen), torch.randint(0, CLASSES - 1, (n,), generator=gen)  # last class: none
+    tokens = torch.randint(0, vocab, (n, width), generator=gen)
+    tokens[::3, 3:] = 0  # shorter titles; a batch of them is sent 3 columns wide
+    trained = torch.randn(CLASSES, DIM, generator=gen)
+    cuts = {1: [0, n], 2: [0, 27, n], 3: [0, n, n, n]}[world]
+    lo, hi = shard_range(CLASSES, world, rank)
+    counts = torch.bincount(y, minlength=CLASSES)
+    words = TitleWordSums(counts, (lo, hi), vocab, width, DIM, torch.device("cpu"))
+    batches = []
+    for i in range(cuts[rank], cuts[rank + 1], 3):
+        part = slice(i, min(i + 3, cuts[rank + 1]))
+        narrow = bool((tokens[part, 3:] == 0).all())
+        batches.append((x[part], y[part], tokens[part, :3] if narrow else tokens[part]))
+    sums, _ = class_feature_sums(lambda images: images, batches, (lo, hi), DIM, torch.device("cpu"), words=words)
+    rows = class_mean_rows(trained[lo:hi], sums, counts[lo:hi], attributes=words.attribute_rows(), weight=0.5)
+
+    means = F.normalize(torch.zeros(CLASSES, DIM).index_add_(0, y, F.normalize(x, dim=-1)), dim=1)
+    attributes = title_word_rows_reference(x, y, tokens, CLASSES, vocab, RIDGE)
+    expected = (means + 0.5 * attributes) * trained.norm(dim=1).mean()
+    expected[CLASSES - 1] = trained[CLASSES - 1]
+    close(rows, expected[lo:hi], "title-word rows", rtol=1e-4, atol=1e-5)
+
+
 SCENARIOS = {
     "loss_and_grads": (loss_and_grads, (1, 2, 3)),
     "grads_without_ddp_scaling": (grads_without_ddp_scaling, (2, 3)),
@@ -350,6 +407,7 @@ SCENARIOS = {
     "checkpoint_mismatch": (checkpoint_mismatch, (3,)),
     "ddp_sgd_matches_single_process": (ddp_sgd_matches_single_process, (1, 2, 3)),
     "class_means_match_single_process": (class_means_match_single_process, (1, 2, 3)),
+    "title_word_rows_match_single_process": (title_word_rows_match_single_process, (1, 2, 3)),
 }
 
 

@@ -180,8 +180,8 @@ def test_a_missing_or_foreign_shard_is_named(exported, tmp_path):
 
 @pytest.mark.slow
 def test_a_two_rank_training_run_exports_and_logs_a_sharded_model(tiny_world, tmp_path):
-    """torchrun, 2 ranks, class-sharded SICoT with class-means rows: each training photo
-    is counted once, the model directory and the MLflow run hold model.pt and both shards, and evaluation
+    """torchrun, 2 ranks, class-sharded SICoT with title-word rows (class means plus title words): each training
+    photo is counted once, the model directory and the MLflow run hold model.pt and both shards, and evaluation
     under a tiny memory setting scores what the consolidated model scores."""
     import mlflow
 
@@ -191,12 +191,12 @@ def test_a_two_rank_training_run_exports_and_logs_a_sharded_model(tiny_world, tm
 
     tracking_uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
     params = tiny_world.params(tmp_path, "train.mode=sicot", "train.fc=sharded",
-                               "train.classifier_rows=class_means", "train.epochs=1")
+                               "train.classifier_rows=title_words", "train.title_words_weight=0.3", "train.epochs=1")
     node, = train_on_nodes(params, [tmp_path / "node"], nproc_per_node=2, track=True,
                            env={"MLFLOW_TRACKING_URI": tracking_uri})
     assert node.returncode == 0, node.stderr[-3000:]
     photos = len(load_prepared(params.paths.prepared).train)
-    assert f"class means of {photos} training photos (0 classes without photos" in node.stderr
+    assert f"class means of {photos} training photos plus 0.3 x their title words (0 classes without" in node.stderr
     out = tmp_path / "models/sicot"
     shards = ["model-classifier-0-of-2.pt", "model-classifier-1-of-2.pt"]
     assert all((out / name).is_file() for name in shards)

@@ -370,6 +370,53 @@ def test_class_means_are_the_exported_rows(tiny_world, tmp_path):
                                rtol=1e-4, atol=1e-5)
 
 
+def test_title_word_rows_are_the_class_means_plus_what_their_words_look_like(tiny_world, tmp_path):
+    """`train.classifier_rows: title_words` on the visual-only baseline: each exported row is the class mean
+    plus train.title_words_weight x its title words' detectors, by the textbook formula over the unaugmented
+    training photos' features and titles (tests/parallel_workers.py checks the same on 1-3 ranks)."""
+    import torch.nn.functional as F
+    from torch.utils.data import DataLoader
+
+    from sicot.data.dataset import ProductImages, collate
+    from sicot.data.prepared import load_prepared
+    from sicot.data.stream import ShardStream
+    from sicot.model.title_words import RIDGE
+    from sicot.text.word2vec import Vocabulary
+    from tests.parallel_workers import title_word_rows_reference
+
+    params = tiny_world.params(tmp_path, "train.mode=baseline", "train.classifier_rows=title_words",
+                               "train.title_words_weight=0.5", "train.epochs=1")
+    out = run_training(params, track=False)
+    recognizer = Recognizer.load(out["model"])
+    trained = torchfile.load(out["checkpoint"], "checkpoint")["model"]["classifier.weight"]
+    manifest = load_prepared(params.paths.prepared)
+    vocab = Vocabulary.load(params.paths.word2vec)
+    index = {sku: i for i, sku in enumerate(recognizer.classes)}
+    images = ProductImages(index, params.train.image_size, encode_title=lambda t: vocab.encode(t, 32))
+    stream = ShardStream(images, manifest.root, manifest.shards["train"], 64)
+    with torch.no_grad():
+        batches = [(recognizer.backbone(b["image"]), b["label"], F.pad(b["tokens"], (0, 32 - b["tokens"].shape[1])))
+                   for b in DataLoader(stream, 64, collate_fn=collate)]
+    features, labels, tokens = (torch.cat(parts) for parts in zip(*batches))
+    means = torch.zeros(len(index), features.shape[1]).index_add_(0, labels, F.normalize(features, dim=-1))
+    attributes = title_word_rows_reference(features, labels, tokens, len(index), len(vocab), RIDGE)
+    assert attributes.norm(dim=1).min() > 0  # every class has words whose detectors move its row
+    expected = (F.normalize(means, dim=1) + 0.5 * attributes) * trained.norm(dim=1).mean()
+    torch.testing.assert_close(recognizer.state_dict()["weight"], expected, rtol=1e-3, atol=5e-4)
+
+
+def test_title_word_rows_without_word_vectors_fail_before_training(tiny_world, tmp_path):
+    """The visual-only baseline needs no word vectors, except for title-word rows: then their absence is
+    named before any epoch runs, and nothing is written."""
+    from sicot.text.word2vec import VocabularyError
+
+    params = tiny_world.params(tmp_path, "train.mode=baseline", "train.classifier_rows=title_words",
+                               f"paths.word2vec={tmp_path / 'nowhere'}")
+    with pytest.raises(VocabularyError, match="nowhere: no word vectors here .* run train_word2vec first"):
+        run_training(params, track=False)
+    assert not (tmp_path / "models").exists() or not any((tmp_path / "models").rglob("*.pt"))
+
+
 def test_the_exported_image_only_model_predicts_what_training_scored(tiny_world, tmp_path):
     """The deployed model has no titles: the backbone and W of a SICoT run predict the validation split
     exactly as the training run scored it."""
