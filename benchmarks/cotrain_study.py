@@ -51,7 +51,8 @@ EVAL_SIZE = ["data.val_per_class=10", "data.test_per_class=20"]
 SETS = {"informative": ["data.title_noise=0.3", *EVAL_SIZE], "noisy": ["data.title_noise=0.9", *EVAL_SIZE],
         # the second generator (sicot/data/apparel.py): other rendering, vocabulary and title grammar
         "apparel": ["data.world=apparel", "data.title_noise=0.3", *EVAL_SIZE],
-        "apparel-noisy": ["data.world=apparel", "data.title_noise=0.9", *EVAL_SIZE]}
+        "apparel-noisy": ["data.world=apparel", "data.title_noise=0.9", *EVAL_SIZE],
+        "demo": []}  # the demo pipeline's world as params.yaml makes it (benchmarks/demo_regime.py)
 DEMO_SETS = ("informative", "noisy")  # the sets of this study (the demo world)
 
 BASELINE = ["train.mode=baseline"]

@@ -23,7 +23,7 @@ from pydantic.json_schema import SkipJsonSchema
 from sicot.config import Params
 
 # The sections a pipeline run reads; `serve` belongs to the recognition service.
-SECTIONS = ("data", "word2vec", "train", "evaluate", "promote", "publish", "paths")
+SECTIONS = ("data", "word2vec", "pretrain", "train", "evaluate", "promote", "publish", "paths")
 # Keys the pipeline sets itself: it trains both modes, resumes on a retry and builds every shard.
 PIPELINE_SETS = {"train": ("mode", "resume"), "publish": ("shard",)}
 # A boolean is offered as a choice, not a toggle: a toggle has no unset state, and the UI sends `false`.
@@ -70,4 +70,4 @@ def _no_default(schema: dict[str, Any]) -> None:
     schema.pop("default", None)
 
 
-Data, Word2Vec, Train, Evaluate, Promote, Publish, Paths = (section_model(name) for name in SECTIONS)
+Data, Word2Vec, Pretrain, Train, Evaluate, Promote, Publish, Paths = (section_model(name) for name in SECTIONS)

@@ -1,5 +1,5 @@
-"""The sicot pipeline as a Prefect flow: prepare → word2vec → {train baseline ∥ train sicot} → evaluate
-→ promote → publish. Wiring only: every task calls a component.
+"""The sicot pipeline as a Prefect flow: {prepare → word2vec ∥ pretrain} → {train baseline ∥ train sicot}
+→ evaluate → promote → publish. Wiring only: every task calls a component.
 
 Run it with no server (Prefect's ephemeral mode): `python -m flows.pipeline [--set section.key=value]`.
 
@@ -23,13 +23,14 @@ from prefect.artifacts import create_markdown_artifact
 from prefect.cache_policies import INPUTS, TASK_SOURCE
 from prefect.futures import wait
 
-from components import evaluate_model, prepare_data, promote_model, train_word2vec, version_data
+from components import evaluate_model, prepare_data, pretrain_visual, promote_model, train_word2vec, version_data
+from components.pretrain_visual import recipe
 from flows import form
 from flows.publish import publish as publish_flow
 from flows.retries import io_retries
 from flows.train import launch
 from sicot import storage
-from sicot.config import ConfigError, Params, load_params, local_params_file
+from sicot.config import PRETRAINED, ConfigError, Params, load_params, local_params_file
 from sicot.tracking import PARENT_ENV
 
 CACHED = {"cache_policy": INPUTS + TASK_SOURCE, "persist_result": True}
@@ -49,30 +50,41 @@ def word2vec_task(settings: dict, workdir: str, data: dict) -> dict:
     return train_word2vec.run(params) | {"version": version_data.run(params, params.paths.word2vec)}
 
 
+@task(name="pretrain_visual", cache_policy=(INPUTS - "settings") + TASK_SOURCE, persist_result=True)
+def pretrain_task(settings: dict, workdir: str, recipe: dict) -> dict:
+    """Keyed on `recipe`, what the pretrained stream depends on: tuning the models trained from it, or
+    the demo world's size, does not pretrain again."""
+    return pretrain_visual.run(Params.from_dict(settings))
+
+
 def reading(settings: dict, **versions: dict) -> dict:
     """`settings` with `paths.<name>` pointing at the DVC version of that output."""
     return {**settings, "paths": {**settings["paths"], **{name: v["version"]["uri"] for name, v in versions.items()}}}
 
 
 MODES = ("baseline", "sicot")
+# The baseline is the title-free reference whatever train.classifier_rows says (as in dvc.yaml).
+MODE_SETS = {"baseline": {"classifier_rows": "trained"}, "sicot": {}}
 
 
 @task(name="train_model", task_run_name="train_{mode}", retries=1, **CACHED)
-def train_task(settings: dict, workdir: str, mode: str, data: dict, vectors: dict | None, deployment: str = "",
-          overrides: list[str] | None = None, nodes: int = 1, master: str = "") -> dict:
-    """Train `mode` here, or as `nodes` flow runs of `deployment`; a retry (a lost pod) resumes from the
-    last checkpoint in `paths.models`."""
+def train_task(settings: dict, workdir: str, mode: str, data: dict, vectors: dict | None, start: dict | None,
+               deployment: str = "", overrides: list[str] | None = None, nodes: int = 1, master: str = "") -> dict:
+    """Train `mode` here, or as `nodes` flow runs of `deployment`, from the pretrain step's output `start`
+    when `train.backbone_weights` names it; a retry (a lost pod) resumes from the last checkpoint in
+    `paths.models`."""
     from prefect.runtime import task_run
 
     resume = task_run.run_count > 1
     if not deployment:
-        params = Params.from_dict(settings)
+        params = Params.from_dict({**settings, "train": settings["train"] | MODE_SETS[mode]})
         params.train.resume = params.train.resume or resume
         return launch(params, mode)
     from prefect.deployments import run_deployment
 
     # The pod reads its image's params.yaml; the run's overrides travel as parameters.
-    parameters = {"mode": mode, "overrides": [*(overrides or []), *(["train.resume=true"] if resume else [])],
+    sets = [f"train.{key}={value}" for key, value in MODE_SETS[mode].items()]
+    parameters = {"mode": mode, "overrides": [*(overrides or []), *sets, *(["train.resume=true"] if resume else [])],
                   "parent_run_id": os.environ.get(PARENT_ENV, "")}
     per_node = [{}]
     if nodes > 1 and not master:  # a deployment that starts every node itself (sicot-train-job: an Indexed Job)
@@ -121,8 +133,9 @@ def promote_task(settings: dict, evaluation: dict) -> dict:
 
 @flow(name="sicot-pipeline", log_prints=True)
 def pipeline(data: form.Data = form.Data.EMPTY, word2vec: form.Word2Vec = form.Word2Vec.EMPTY,
-             train: form.Train = form.Train.EMPTY, evaluate: form.Evaluate = form.Evaluate.EMPTY,
-             promote: form.Promote = form.Promote.EMPTY, publish: form.Publish = form.Publish.EMPTY,
+             pretrain: form.Pretrain = form.Pretrain.EMPTY, train: form.Train = form.Train.EMPTY,
+             evaluate: form.Evaluate = form.Evaluate.EMPTY, promote: form.Promote = form.Promote.EMPTY,
+             publish: form.Publish = form.Publish.EMPTY,
              paths: form.Paths = form.Paths.EMPTY, overrides: tuple[str, ...] = (), params_file: str = "",
              promote_and_publish: bool = True, refresh: bool = False, train_deployment: str = "",
              train_nodes: int = 1, train_master: str = "", shard_deployment: str = "") -> dict:
@@ -131,6 +144,8 @@ def pipeline(data: form.Data = form.Data.EMPTY, word2vec: form.Word2Vec = form.W
     Args:
         data: data preparation (params.yaml `data:`). An empty field keeps the params file's value.
         word2vec: word vectors of the titles (params.yaml `word2vec:`).
+        pretrain: the visual stream's pretraining on other products, for `train.backbone_weights:
+            pretrained` (params.yaml `pretrain:`).
         train: training of both models (params.yaml `train:`).
         evaluate: evaluation on the test split (params.yaml `evaluate:`).
         promote: the registry's promotion gate (params.yaml `promote:`).
@@ -153,20 +168,22 @@ def pipeline(data: form.Data = form.Data.EMPTY, word2vec: form.Word2Vec = form.W
     """
     from sicot import tracking
 
-    sections = (data, word2vec, train, evaluate, promote, publish, paths)
+    sections = (data, word2vec, pretrain, train, evaluate, promote, publish, paths)
     overrides = [*(o for section in sections for o in section.overrides()), *overrides]
     workdir = str(Path.cwd())
     params = load_params(params_file or local_params_file(), overrides)
     settings = params.to_dict()  # the resolved params: what the cache keys on
     opts = {"refresh_cache": True} if refresh else {}
     with tracking.pipeline_run(params) as parent_run:
+        pretrained = settings["train"]["backbone_weights"] == PRETRAINED
+        start = pretrain_task.with_options(**opts).submit(settings, workdir, recipe(params)) if pretrained else None
         prepared = prepare_task.with_options(**opts)(settings, workdir)
         vectors = word2vec_task.with_options(**opts)(reading(settings, prepared=prepared), workdir, prepared)
         settings = reading(settings, prepared=prepared, word2vec=vectors)
         located = [*overrides,
                    *(f"paths.{k}={v}" for k, v in settings["paths"].items() if k in ("prepared", "word2vec"))]
         runs = [train_task.with_options(**opts).submit(settings, workdir, mode, prepared,
-                                                       vectors if mode == "sicot" else None,
+                                                       vectors if mode == "sicot" else None, start and start.result(),
                                                        train_deployment, located, train_nodes, train_master)
                 for mode in MODES]
         wait(runs)

@@ -43,6 +43,7 @@ class Paths:
     prepared: str = opt("data/prepared",
                         help="the validated dataset: records, images in WebDataset shards, labels.json")
     word2vec: str = opt("models/word2vec", help="word vectors: gensim model, vectors.npy, vocab.json")
+    pretrained: str = opt("models/pretrained", help="the pretrain step's visual stream: backbone.pt, pretrain.json")
     models: str = opt("models", help="trained models: <models>/<mode>/ holds checkpoint, model.pt, history")
     reports: str = opt("reports", help="data_stats.json, <mode>/metrics.json, comparison.json/.md, plots")
     index: str = opt("index_store", help="root of the published product index (its versions and index/CURRENT)")
@@ -60,6 +61,7 @@ class Paths:
 
 ON_BAD_RECORD = ("error", "skip")  # also checked by sicot.data.manifest, a library entry point
 WORLDS = ("packaged", "apparel")  # the generated worlds (sicot.data.worlds)
+PRETRAINED = "pretrained"  # train.backbone_weights: the pretrain step's visual stream (components/pretrain_visual.py)
 
 
 @dataclass
@@ -112,20 +114,37 @@ class Word2Vec:
 
 
 @dataclass
+class Pretrain:
+    """The pretrain step (`train.backbone_weights: pretrained`): the visual stream trained beforehand on a demo world
+    of other products, standing in for the checkpoint a catalogue starts from (last season's model, ImageNet at
+    224 px). Its world is `data.world` with this section's seed and sizes, every product as many photos."""
+    skus: int = opt(200, ge=2, help="products of the pretraining world")
+    max_images: int = opt(30, ge=1, help="training photos of each product")
+    epochs: int = opt(20, ge=1, help="training epochs (the rest of the recipe is the train section's)")
+    lr: float = opt(0.05, gt=0.0, help="SGD learning rate of the first epoch")
+    lr_gamma: float = opt(0.9, gt=0.0, le=1.0, help="learning rate factor after every epoch")
+    seed: int = opt(1, ge=0, help="the pretraining world's data.seed: other brands and products than data.seed's; "
+                                  "must differ from it")
+
+
+@dataclass
 class Train:
-    """How a model is trained. The demo's params.yaml trains resnet18 at 32 px: the baseline and SICoT side by
-    side in about 10 minutes on 2 CPU cores (~50 images/s each). The paper's GPU setup: backbone resnet50,
-    image_size 224, feature_dim 2048, batch_size 256 (and data.image_size >= 224)."""
+    """How a model is trained. The demo's params.yaml trains resnet18 at 32 px from the pretrain step's visual
+    stream: the baseline and SICoT side by side in about 2 minutes on 2 CPU cores (~300 images/s each). The
+    paper's GPU setup: backbone resnet50, image_size 224, feature_dim 2048, batch_size 256 (and data.image_size
+    >= 224)."""
     mode: str = opt("sicot", choices=("baseline", "sicot"),
-                    help="baseline: visual stream alone; sicot: co-trained with the titles")
+                    help="baseline: visual stream alone; sicot: trained with the titles, through the co-training "
+                         "loss (cotrain_weight) and/or the classifier rows (classifier_rows: title_words)")
     backbone: str = opt("resnet18", help="torchvision ResNet from sicot.model.backbone's registry, e.g. resnet18, "
                                          "resnet50")
     backbone_weights: str = opt("", help="what the visual stream starts from: a torchvision weights name "
                                          "(IMAGENET1K_V1, DEFAULT; torch.hub's cache under $TORCH_HOME), a "
                                          "previous sicot model (models:/NAME@ALIAS, models:/NAME/VERSION, "
                                          "runs:/RUN_ID/model, a model.pt file/URI: also its classifier rows "
-                                         "of shared SKUs), or a torchvision state_dict file/URI; empty = "
-                                         "random init")
+                                         "of shared SKUs), a torchvision state_dict file/URI, or `pretrained`: "
+                                         "the pretrain step's visual stream (paths.pretrained); empty = random "
+                                         "init")
     image_size: int = opt(64, ge=8, le=4096, help="input side in pixels, training and serving; images are "
                                                   "resized from data.image_size")
     feature_dim: int = opt(512, ge=1, help="visual feature size; a Linear+ReLU maps the backbone's width to it "
@@ -134,7 +153,8 @@ class Train:
                                              "word attention, or mean, bilstm, bilstm_attention for ablations")
     max_title_len: int = opt(32, ge=1, help="title words kept per image; the rest are cut")
     cotrain_weight: float = opt(2.0, ge=0.0, help="λ in CE(W·v) + λ·CE(W·max(v, s)): the co-training loss's "
-                                                  "weight (docs/method.md)")
+                                                  "weight (docs/method.md); 0 = no title stream: the titles "
+                                                  "enter only through classifier_rows: title_words")
     cotrain_rampup: int = opt(4, ge=0, help="epochs over which λ grows from 0 so the visual stream learns first; "
                                             "0 = the naive form, which loses to the baseline")
     logit_adjust_tau: float = opt(0.0, ge=0.0, help="τ of logit adjustment in the loss (Menon et al.: "
@@ -259,6 +279,7 @@ class Params:
     paths: Paths = field(default_factory=Paths)
     data: Data = field(default_factory=Data)
     word2vec: Word2Vec = field(default_factory=Word2Vec)
+    pretrain: Pretrain = field(default_factory=Pretrain)
     train: Train = field(default_factory=Train)
     evaluate: Evaluate = field(default_factory=Evaluate)
     promote: Promote = field(default_factory=Promote)
@@ -286,6 +307,12 @@ class Params:
             if not sections or name in sections:
                 out.update({f"{name}.{k}": v for k, v in values.items()})
         return out
+
+
+def runtime(section: str, key: str) -> bool:
+    """Whether `section.key` only changes how a step runs (`opt(..., runtime=True)`), not what it computes."""
+    kind = type(getattr(Params(), section))
+    return next(f for f in dataclasses.fields(kind) if f.name == key).metadata["runtime"]
 
 
 @contextlib.contextmanager

@@ -170,9 +170,9 @@ def load_data(params: Params) -> TrainingData:
         raise TrainError(f"{labels_uri}: classes differ from the SKUs in {prepared}/train.jsonl; "
                          "re-run prepare_data")
     vocab, encode = None, None
-    if params.train.mode == "sicot" or params.train.classifier_rows == "title_words":
+    if has_title_stream(params) or params.train.classifier_rows == "title_words":
         vocab = Vocabulary.load(params.paths.word2vec)
-    if params.train.mode == "sicot":
+    if has_title_stream(params):
         encode = title_encoder(vocab, params)
     index = {sku: i for i, sku in enumerate(classes)}
     counts = class_counts(manifest.train)
@@ -185,6 +185,13 @@ def load_data(params: Params) -> TrainingData:
         train=ProductImages(index, image_size, encode_title=encode, augment=True, cache_bytes=train_share),
         val=ProductImages(index, image_size, encode_title=encode, cache_bytes=budget - train_share),
         train_counts=[counts[sku] for sku in classes], vocab=vocab)
+
+
+def has_title_stream(params: Params) -> bool:
+    """Co-training: `train.mode: sicot` with a co-training loss. With λ = 0 a title stream would learn
+    nothing and change nothing: none is built, and the titles enter only through
+    `train.classifier_rows: title_words`."""
+    return params.train.mode == "sicot" and params.train.cotrain_weight > 0
 
 
 def title_encoder(vocab: Vocabulary, params: Params):
@@ -213,7 +220,7 @@ def build_model(params: Params, data: TrainingData, start: StartingPoint, group)
     backbone, dim = create_backbone(params.train.backbone, out_dim=params.train.feature_dim)
     start.load_backbone(backbone)
     encoder = None
-    if params.train.mode == "sicot":
+    if has_title_stream(params):
         encoder = create_text_encoder(params.train.text_encoder, data.vocab.embeddings, dim)
     classifier = make_classifier(params, dim, len(data.classes), group)
     start.load_classifier_rows(classifier, data.classes)
@@ -230,7 +237,7 @@ def fingerprint(params: Params, model: SICoT, data: TrainingData) -> dict:
         "backbone": params.train.backbone,
         "feature_dim": model.dim,
         "image_size": params.train.image_size,
-        "text_encoder": params.train.text_encoder if mode == "sicot" else "",
+        "text_encoder": params.train.text_encoder if has_title_stream(params) else "",
         "word_vectors": list(data.vocab.embeddings.shape) if data.vocab is not None else [],
         "classes": len(data.classes),
         "classes_sha256": hashlib.sha256("\n".join(data.classes).encode()).hexdigest(),
@@ -429,7 +436,7 @@ def train_one_epoch(training: TrainingSetup, epoch: int) -> dict:
     seconds = time.perf_counter() - start
     out = {"loss": loss_sum / max(seen, 1), "visual_loss": visual_sum / max(seen, 1),
            "train_top1": correct / max(seen, 1), "images_per_s": seen / seconds, "seconds": seconds}
-    if params.train.mode == "sicot":
+    if has_title_stream(params):
         out["cotrain_loss"] = cotrain_sum / max(seen, 1)
     return out
 
@@ -583,7 +590,7 @@ def train_in_group(params: Params, process: TrainingProcess, track: bool = True)
                      "ignored, its default SGD runs")
     # A resumed run takes every weight from its checkpoint.
     start = StartingPoint() if params.train.resume else load_starting_point(
-        params.train.backbone_weights, params.train.backbone, params.train.feature_dim)
+        params.train.backbone_weights, params.train.backbone, params.train.feature_dim, params.paths.pretrained)
     seed_everything(params.train.seed)
 
     data = load_data(params)

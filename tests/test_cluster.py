@@ -105,7 +105,8 @@ def test_the_pipeline_runs_on_a_cluster_in_miniature(tmp_path, s3_server, mlflow
 
     bucket = f"s3://{s3_server.new_bucket('cluster')}"
     env = clean_env(**prefect_server.env, **mlflow_server.env, **s3_server.env, MLFLOW_REGISTRY_URI=mlflow_server.url,
-                    SICOT_MODELS=f"{bucket}/models", SICOT_REPORTS=f"{bucket}/reports",
+                    SICOT_MODELS=f"{bucket}/models", SICOT_PRETRAINED=f"{bucket}/models/pretrained",
+                    SICOT_REPORTS=f"{bucket}/reports",
                     SICOT_INDEX=f"{bucket}/index_store", SICOT_DVC_REMOTE=f"{bucket}/dvc",
                     PREFECT_RESULTS_PERSIST_BY_DEFAULT="true",
                     PREFECT_RESULTS_DEFAULT_STORAGE_BLOCK="remote-file-system/sicot-results",
@@ -125,7 +126,7 @@ def test_the_pipeline_runs_on_a_cluster_in_miniature(tmp_path, s3_server, mlflow
     try:
         # its own registered model: the MLflow server is shared with other tests
         overrides = [*tiny_overrides(), "train.epochs=3", "train.fc=sharded", "train.threads=1",
-                     f"promote.model_name={MODEL}"]
+                     "train.backbone_weights=pretrained", f"promote.model_name={MODEL}"]
         parameters = {"overrides": overrides, "params_file": "", "train_deployment": f"sicot-train/{POOL}",
                       # node 0 of each training listens on its own port, a retry on the next two (flows.pipeline)
                       "train_nodes": 2, "train_master": f"127.0.0.1:{services.free_port_block(4)}",
@@ -160,8 +161,10 @@ def test_the_pipeline_runs_on_a_cluster_in_miniature(tmp_path, s3_server, mlflow
         by_step = {}
         for r in children:
             by_step.setdefault(r.data.tags["step"], []).append(r)
-        assert {"prepare_data", "train_word2vec", "train_baseline", "train_sicot", "evaluate_model",
+        assert {"prepare_data", "train_word2vec", "pretrain_visual", "train_baseline", "train_sicot", "evaluate_model",
                 "promote_model"} <= set(by_step), sorted(by_step)
+        # the pods trained from the visual stream the pipeline's pretrain step left on S3
+        assert storage.exists(f"{bucket}/models/pretrained/backbone.pt")
         versions = {r.data.tags["data_version"] for r in children if "data_version" in r.data.tags}
         assert len(versions) == 1 and (version := versions.pop()).endswith(".dir")
         prepared = storage.dvc_tree_uri(f"{bucket}/dvc", version)  # the data every step read, in the DVC remote

@@ -95,6 +95,7 @@ def test_a_run_started_from_the_ui_form_uses_the_typed_values(tmp_path, prefect_
     shutil.copy(REPO / "prefect.yaml", home / "prefect.yaml")
     params = yaml.safe_load(write_tiny_params(home).read_text(encoding="utf-8"))
     params["promote"]["model_name"] = MODEL
+    params["train"]["cotrain_weight"] = 2.0  # the paper's co-training: the parent run shows its word attention
     (home / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False), encoding="utf-8")
     env = clean_env(**prefect_server.env, **mlflow_server.env, SICOT_HOME=str(home))
     prefect = str(BIN / "prefect")

@@ -13,12 +13,15 @@ import pytest
 import yaml
 
 from components.cli import RECORD_READS
+from components.pretrain_visual import world_overrides
+from sicot.config import Params
 from sicot.config_docs import sections
 from tests.workflow import BIN, clean_env, copy_checkout, git, run, write_tiny_params
 
 pytestmark = [pytest.mark.services, pytest.mark.slow]
 
-STAGES = ("prepare", "word2vec", "train_baseline", "train_sicot", "evaluate@baseline", "evaluate@sicot", "compare")
+STAGES = ("prepare", "word2vec", "pretrain", "train_baseline", "train_sicot", "evaluate@baseline", "evaluate@sicot",
+          "compare")
 UP_TO_DATE = "Data and pipelines are up to date."
 # Keys that change how a step runs, not what it computes (`opt(..., runtime=True)`): no stage lists them.
 RUNTIME = {f"{name}.{key.name}" for name, kind in sections() for key in dataclasses.fields(kind)
@@ -27,8 +30,14 @@ RUNTIME = {f"{name}.{key.name}" for name, kind in sections() for key in dataclas
 # DVC through params.yaml (which holds every key: tests/test_config.py).
 NOT_DEPS = {"components/__init__.py", "components/cli.py", "sicot/__init__.py", "sicot/config.py",
             "sicot/config_docs.py"}
-# Read without effect: the baseline builds the co-training schedule but has no title stream to weigh.
-UNUSED_READS = {"train_baseline": {"train.cotrain_weight", "train.cotrain_rampup"}}
+# Read without effect: the baseline builds the co-training schedule but has no title stream to weigh; the
+# pretraining run sets its world's sizes and its schedule itself (data.seed and train.backbone_weights
+# it reads from the params: they decide whether it runs) and reports on its world only to itself.
+COTRAIN = {"train.cotrain_weight", "train.cotrain_rampup"}
+UNUSED_READS = {"train_baseline": COTRAIN,
+                "pretrain": COTRAIN | {"evaluate.head_threshold"}
+                | {f"{section}.{key}" for section, values in world_overrides(Params()).items() for key in values}
+                - {"data.seed", "train.backbone_weights"}}
 
 
 def dvc(repo, *args, check=True):

@@ -4,7 +4,7 @@ import json
 import numpy as np
 import pytest
 
-from sicot.evaluate import comparison, per_class, summarize
+from sicot.evaluate import comparison, per_class, strongest_baseline, summarize
 
 # 4 classes with 150 (many, head), 40 (medium, head), 12 and 3 (few, tail) training images.
 TRAIN_COUNTS = [150, 40, 12, 3]
@@ -47,32 +47,44 @@ def test_per_class_rows():
 
 
 def test_comparison_table():
-    base = summarize("baseline", TOPK, LABELS, TRAIN_COUNTS, 20)
+    base = summarize("baseline", TOPK, LABELS, TRAIN_COUNTS, 20) | {"classifier_rows": "trained"}
     better = summarize("sicot", np.tile(LABELS[:, None], (1, 3)), LABELS, TRAIN_COUNTS, 20)
-    table, markdown = comparison(base, better)
+    table, markdown = comparison(base | {"val_top1": 0.5}, better | {"classifier_rows": "title_words"})
     rows = {(r["group"], r["metric"]): r for r in table["rows"]}
     assert list(rows) == [(g, m) for g in ("overall", "head", "tail") for m in ("top1", "top3")]
-    assert rows["tail", "top1"]["gain"] == pytest.approx(0.75)
+    assert rows["tail", "top1"]["gain"] == pytest.approx(0.75) == rows["tail", "top1"]["gain_over_strongest"]
     assert "| overall top-1 | 37.5 | 100.0 | +62.5 |" in markdown
-    assert markdown.splitlines()[0] == "| test accuracy (%) | baseline | co-training | gain |"
+    assert markdown.splitlines()[0] == ("| test accuracy (%) | baseline, trained rows | sicot, title-word rows "
+                                        "| gain over the baseline |")
+    assert table["strongest"] == "baseline" and "picked on validation" not in markdown  # nothing to pick from
     assert table["note"] in markdown and "seed" in table["note"].lower()
 
 
-def test_comparison_with_the_baselines_class_means():
-    """The baseline's class-mean score sits beside it, and the gain is also taken over it."""
-    base = summarize("baseline", TOPK, LABELS, TRAIN_COUNTS, 20)
-    base["class_means"] = summarize("baseline+class_means", TOPK[:, [1, 0, 2]], LABELS, TRAIN_COUNTS, 20)
+@pytest.mark.parametrize("val_top1, strongest", [((0.6, 0.5), "baseline"), ((0.5, 0.6), "class_means"),
+                                                 ((0.5, 0.5), "class_means"), ((None, None), "class_means")])
+def test_comparison_with_the_baselines_class_means(val_top1, strongest):
+    """The baseline's class-mean score sits beside it; the gain is also taken over the strongest of the two,
+    picked on validation (the class means on a tie or without validation photos)."""
+    base = summarize("baseline", TOPK, LABELS, TRAIN_COUNTS, 20) | {"val_top1": val_top1[0]}
+    base["class_means"] = summarize("baseline+class_means", TOPK[:, [1, 0, 2]], LABELS, TRAIN_COUNTS, 20) | {
+        "val_top1": val_top1[1]}
     sicot = summarize("sicot", np.tile(LABELS[:, None], (1, 3)), LABELS, TRAIN_COUNTS, 20)
     table, markdown = comparison(base, sicot)
     tail = next(r for r in table["rows"] if (r["group"], r["metric"]) == ("tail", "top1"))
     means_tail = base["class_means"]["tail"]["top1"]
     assert tail["baseline_class_means"] == means_tail and tail["gain_over_class_means"] == pytest.approx(1 - means_tail)
+    assert table["strongest"] == strongest
+    assert tail["gain_over_strongest"] == (tail["gain"] if strongest == "baseline" else tail["gain_over_class_means"])
     lines = markdown.splitlines()
-    assert lines[0] == ("| test accuracy (%) | baseline | co-training | gain | baseline, class means "
-                        "| gain over class means |")
+    assert lines[0] == ("| test accuracy (%) | baseline, its rows | baseline, class means | sicot, its rows "
+                        "| gain over the baseline | gain over the strongest baseline |")
     assert lines[1] == "|---|---:|---:|---:|---:|---:|"
     overall = 100 * base["class_means"]["top1"]
-    assert f"| overall top-1 | 37.5 | 100.0 | +62.5 | {overall:.1f} | {100 - overall:+.1f} |" in lines
+    over_strongest = 100 - (37.5 if strongest == "baseline" else overall)
+    assert f"| overall top-1 | 37.5 | {overall:.1f} | 100.0 | +62.5 | {over_strongest:+.1f} |" in lines
+    which = "trained rows" if strongest == "baseline" else "class means"
+    assert f"picked on validation top-1: the baseline's {which}" in markdown
+    assert ("(60.0 vs 50.0 %)" in markdown) == (val_top1 == (0.6, 0.5))
 
 
 def test_evaluate_model_writes_the_reports(tiny_world, tmp_path, monkeypatch):
@@ -117,6 +129,10 @@ def test_evaluate_model_writes_the_reports(tiny_world, tmp_path, monkeypatch):
     assert table["baseline"] == "baseline" and table["cotraining"] == "sicot" and len(table["rows"]) == 6
     assert (reports / "comparison.md").read_text().startswith("| test accuracy (%) |")
     assert table["rows"][0]["baseline_class_means"] == means["top1"]
+    baseline = out["models"]["baseline"]
+    assert baseline["classifier_rows"] == "trained" and means["classifier_rows"] == "class_means"
+    assert all(0.0 <= m["val_top1"] <= 1.0 for m in (means, baseline, sicot))
+    assert table["strongest"] == strongest_baseline(baseline)
 
     import mlflow
 

@@ -9,8 +9,8 @@ import pytest
 from flows import form
 from sicot.config import Params, load_params
 
-MODELS = dict(zip(form.SECTIONS, (form.Data, form.Word2Vec, form.Train, form.Evaluate, form.Promote, form.Publish,
-                                  form.Paths)))
+MODELS = dict(zip(form.SECTIONS, (form.Data, form.Word2Vec, form.Pretrain, form.Train, form.Evaluate, form.Promote,
+                                  form.Publish, form.Paths)))
 
 
 @pytest.mark.parametrize("section", form.SECTIONS)

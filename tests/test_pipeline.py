@@ -20,10 +20,11 @@ from tests.workflow import run
 pytestmark = [pytest.mark.services, pytest.mark.slow]
 
 FIRST_COMMAND = ".venv/bin/python -m flows.pipeline"
-STEPS = ("prepare_data", "train_word2vec", "train_baseline", "train_sicot", "evaluate_model", "promote_model")
+STEPS = ("prepare_data", "train_word2vec", "pretrain_visual", "train_baseline", "train_sicot", "evaluate_model",
+         "promote_model")
 # What each step says when it is done, in one line, and what training says once per epoch.
-SAYS = ("prepare_data: ", "train_word2vec: ", "train_model: baseline, ", "train_model: sicot, ", "evaluate_model: ",
-        "promote_model: ", "publish_index: ")
+SAYS = ("prepare_data: ", "train_word2vec: ", "pretrain_visual: ", "train_model: baseline, ", "train_model: sicot, ",
+        "evaluate_model: ", "promote_model: ", "publish_index: ")
 
 
 def pipeline(checkout: readme.Checkout, *args: str, check: bool = True):
@@ -66,8 +67,12 @@ def test_first_run_is_clean_and_says_what_each_step_did(first_run):
 def test_first_run_trains_compares_promotes_and_publishes(demo, first_run, params):
     states = task_states(first_run.output)
     assert all(states.get(step) == "Completed" for step in STEPS), (states, first_run.explain())
-    assert "| test accuracy (%) | baseline | co-training | gain | baseline, class means |" in first_run.output
-    assert "| tail top-1 |" in first_run.output
+    assert ("| test accuracy (%) | baseline, trained rows | baseline, class means | sicot, title-word rows "
+            "| gain over the baseline | gain over the strongest baseline |") in first_run.output
+    assert "| tail top-1 |" in first_run.output and "picked on validation top-1" in first_run.output
+    # both trainings started from the pretrain step's visual stream
+    starts = re.findall(r"starting the backbone from \S*models/pretrained/backbone\.pt", first_run.output)
+    assert len(starts) == 2, first_run.explain()
 
     skus, test_images = params["data"]["skus"], params["data"]["skus"] * params["data"]["test_per_class"]
     assert json.loads((demo.root / "reports/data_stats.json").read_text())["classes"] == skus
@@ -114,7 +119,8 @@ def test_second_run_reuses_cached_steps(demo, first_run):
     result = pipeline(demo)
     print(f"demo pipeline, cached run: {result.seconds:.1f}s (first {first_run.seconds:.1f}s)")
     states = task_states(result.output)
-    for step in ("prepare_data", "train_word2vec", "train_baseline", "train_sicot", "evaluate_model"):
+    for step in ("prepare_data", "train_word2vec", "pretrain_visual", "train_baseline", "train_sicot",
+                 "evaluate_model"):
         assert states.get(step) == "Cached", (step, states, result.explain())
     assert states.get("promote_model") == "Completed"  # side effects are never cached
     assert (demo.root / "models/sicot/model.pt").read_bytes() == model_bytes

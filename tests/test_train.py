@@ -405,6 +405,21 @@ def test_title_word_rows_are_the_class_means_plus_what_their_words_look_like(tin
     torch.testing.assert_close(recognizer.state_dict()["weight"], expected, rtol=1e-3, atol=5e-4)
 
 
+def test_without_a_cotraining_loss_titles_enter_through_the_rows_only(tiny_world, tmp_path):
+    """`train.mode: sicot` with λ = 0 builds no title stream (it would learn nothing): the model is the
+    visual-only baseline's, bit for bit, with title-word rows, and no text encoder is written."""
+    rows = ("train.classifier_rows=title_words", "train.epochs=1")
+    sicot = run_training(tiny_world.params(tmp_path / "sicot", "train.mode=sicot", "train.cotrain_weight=0", *rows),
+                         track=False)
+    baseline = run_training(tiny_world.params(tmp_path / "baseline", "train.mode=baseline", *rows), track=False)
+    assert "text_encoder" not in sicot and not list((tmp_path / "sicot").rglob("text_encoder.pt"))
+    ours, theirs = Recognizer.load(sicot["model"]), Recognizer.load(baseline["model"])
+    assert torch.equal(ours.weight, theirs.weight)
+    assert all(torch.equal(a, b) for a, b in zip(ours.backbone.state_dict().values(),
+                                                 theirs.backbone.state_dict().values()))
+    assert "cotrain_loss" not in json.loads(Path(sicot["history"]).read_text())[0]
+
+
 def test_title_word_rows_without_word_vectors_fail_before_training(tiny_world, tmp_path):
     """The visual-only baseline needs no word vectors, except for title-word rows: then their absence is
     named before any epoch runs, and nothing is written."""

@@ -23,7 +23,8 @@ CODE = ("sicot", "components", "flows")
 # Variables of the developer's shell that would point a run at their own servers or stores.
 FOREIGN = ("MLFLOW_TRACKING_URI", "MLFLOW_REGISTRY_URI", "PREFECT_API_URL", "PREFECT_PROFILE", "SICOT_PARENT_RUN_ID",
            "AWS_ENDPOINT_URL", "AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_PROFILE",
-           *(f"SICOT_{key}" for key in ("RAW", "PREPARED", "WORD2VEC", "MODELS", "REPORTS", "INDEX", "DVC_REMOTE")))
+           *(f"SICOT_{key}" for key in ("RAW", "PREPARED", "WORD2VEC", "PRETRAINED", "MODELS", "REPORTS", "INDEX",
+                                        "DVC_REMOTE")))
 
 
 def tiny_settings() -> dict[str, dict]:

@@ -11,6 +11,8 @@
   catalogue shares most SKUs with the last, whose rows already score them; new SKUs start from the
   seeded initialisation.
 - a file/URI holding a torchvision state_dict of the ResNet (its ImageNet head is ignored).
+- `pretrained`: such a state_dict written by the pretrain step (components/pretrain_visual.py) to
+  `paths.pretrained`/backbone.pt.
 
 A sicot model and a state_dict are told apart by their contents, not their names.
 """
@@ -25,14 +27,16 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from sicot import torchfile
+from sicot import storage, torchfile
+from sicot.config import PRETRAINED
 from sicot.model.backbone import trunk
 from sicot.model.recognizer import Recognizer, RecognizerError, is_saved_recognizer
 
 KEY = "train.backbone_weights"
 ACCEPTED = ("a torchvision weights name (IMAGENET1K_V1, IMAGENET1K_V2, DEFAULT), a sicot model "
             "(models:/<name>@<alias>, models:/<name>/<version>, runs:/<run_id>/model, or a model.pt file/URI), "
-            "or a file/URI of a torchvision state_dict; empty = random initialisation")
+            "a file/URI of a torchvision state_dict, or `pretrained` (the pretrain step's); empty = random "
+            "initialisation")
 WEIGHTS_NAME = re.compile(r"[A-Z][A-Z0-9_]*")
 MLFLOW_SCHEMES = ("models:/", "runs:/")
 
@@ -86,10 +90,17 @@ class StartingPoint:
         return "starting from random weights"
 
 
-def load_starting_point(spec: str, backbone: str, feature_dim: int) -> StartingPoint:
-    """Resolve `train.backbone_weights` = `spec` for a run training `backbone` with `feature_dim`."""
+def load_starting_point(spec: str, backbone: str, feature_dim: int, pretrained_dir: str = "") -> StartingPoint:
+    """Resolve `train.backbone_weights` = `spec` for a run training `backbone` with `feature_dim`;
+    `pretrained_dir`: `paths.pretrained`, where `pretrained` is read from."""
     if not spec:
         return StartingPoint()
+    if spec == PRETRAINED:
+        uri = storage.join(pretrained_dir, "backbone.pt")
+        if not storage.exists(uri):
+            raise StartingPointError(f"{KEY}={PRETRAINED}: {uri} does not exist; run the pretrain step first "
+                                     "(python -m components.pretrain_visual)")
+        return StartingPoint(uri, resnet=_read(uri, spec))
     if WEIGHTS_NAME.fullmatch(spec):
         return StartingPoint(spec, resnet=torchvision_weights(backbone, spec))
     if spec.startswith(MLFLOW_SCHEMES):
