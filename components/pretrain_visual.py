@@ -10,6 +10,8 @@ With any other `train.backbone_weights` it trains nothing and writes only `pretr
 """
 from __future__ import annotations
 
+import copy
+import dataclasses
 import io
 import json
 import sys
@@ -53,13 +55,14 @@ def recipe(params: Params) -> dict:
 
 
 def world_params(params: Params, root: str) -> Params:
-    """The pretraining run's params, every location under `root`."""
-    settings = params.to_dict()
+    """The pretraining run's params, every location under `root` (values already checked: set, not parsed)."""
+    world = copy.deepcopy(params)
     for section, values in world_overrides(params).items():
-        settings[section] |= values
-    settings["paths"] |= {"raw": f"{root}/raw", "prepared": f"{root}/prepared", "models": f"{root}/models",
-                          "reports": f"{root}/reports"}
-    return Params.from_dict(settings)
+        for key, value in values.items():
+            setattr(getattr(world, section), key, value)
+    world.paths = dataclasses.replace(world.paths, raw=f"{root}/raw", prepared=f"{root}/prepared",
+                                      models=f"{root}/models", reports=f"{root}/reports")
+    return world
 
 
 def run(params: Params, track: bool = True) -> dict:
@@ -109,7 +112,7 @@ def run(params: Params, track: bool = True) -> dict:
 def main(argv: list[str] | None = None) -> None:
     from components.cli import main as cli_main
 
-    cli_main(run, __doc__.splitlines()[0], argv, sections=("pretrain", "data", "train", "paths"),
+    cli_main(run, __doc__.splitlines()[0], argv, sections=("pretrain", "data", "train", "evaluate", "paths"),
              extra=lambda p: p.add_argument("--no-track", dest="track", action="store_false",
                                             help="do not log to MLflow"))
 
