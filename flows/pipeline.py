@@ -24,7 +24,6 @@ from prefect.cache_policies import INPUTS, TASK_SOURCE
 from prefect.futures import wait
 
 from components import evaluate_model, prepare_data, pretrain_visual, promote_model, train_word2vec, version_data
-from components.pretrain_visual import recipe
 from flows import form
 from flows.publish import publish as publish_flow
 from flows.retries import io_retries
@@ -176,7 +175,8 @@ def pipeline(data: form.Data = form.Data.EMPTY, word2vec: form.Word2Vec = form.W
     opts = {"refresh_cache": True} if refresh else {}
     with tracking.pipeline_run(params) as parent_run:
         pretrained = settings["train"]["backbone_weights"] == PRETRAINED
-        start = pretrain_task.with_options(**opts).submit(settings, workdir, recipe(params)) if pretrained else None
+        start = (pretrain_task.with_options(**opts).submit(settings, workdir, pretrain_visual.recipe(params))
+                 if pretrained else None)
         prepared = prepare_task.with_options(**opts)(settings, workdir)
         vectors = word2vec_task.with_options(**opts)(reading(settings, prepared=prepared), workdir, prepared)
         settings = reading(settings, prepared=prepared, word2vec=vectors)

@@ -45,11 +45,13 @@ def test_champion_moves_only_through_the_gate(workdir, mlflow_server, s3_server)
     import mlflow
     from mlflow.artifacts import download_artifacts
 
-    from components import evaluate_model, prepare_data, promote_model, train_model
+    from components import evaluate_model, prepare_data, pretrain_visual, promote_model, train_model
     from sicot.config import load_params
 
-    params = load_params("params.yaml", ["train.mode=baseline", "promote.candidate=baseline"])
+    params = load_params("params.yaml", ["train.mode=baseline", "train.classifier_rows=trained",
+                                         "promote.candidate=baseline"])
     prepare_data.run(params)
+    pretrain_visual.run(params)  # the steps by hand, as the pipeline runs them
     model_file = Path(train_model.run(params)["model"])
     good = workdir / "good.pt"
     shutil.copy(model_file, good)
