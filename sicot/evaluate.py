@@ -26,7 +26,7 @@ from collections.abc import Sequence
 import numpy as np
 import torch
 
-from sicot import storage
+from sicot import figures, storage
 from sicot.config import Params
 
 GROUPS = ("head", "tail", "many", "medium", "few")
@@ -172,28 +172,20 @@ def predict(recognizer, dataset, batch_size: int, device: torch.device, k: int =
 
 
 def per_class_png(rows: list[dict], model: str, head_threshold: int) -> bytes:
-    import matplotlib
+    def draw(ax) -> None:
+        for group, colour in (("head", "tab:blue"), ("tail", "tab:orange")):
+            mine = [r for r in rows if r["group"] == group]
+            ax.scatter([r["train_images"] for r in mine], [r["top1"] for r in mine], s=14, alpha=0.7,
+                       color=colour, label=f"{group} ({len(mine)} classes)")
+        ax.axvline(head_threshold, color="grey", linestyle="--", linewidth=1)
+        ax.set_xscale("log")
+        ax.set_ylim(-0.03, 1.03)
+        ax.set_xlabel("training images of the class (log)")
+        ax.set_ylabel("test top-1 of the class")
+        ax.set_title(f"{model}: per-class accuracy against training data")
+        ax.legend(loc="upper left")
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(figsize=(7, 4.5), dpi=100)
-    for group, colour in (("head", "tab:blue"), ("tail", "tab:orange")):
-        mine = [r for r in rows if r["group"] == group]
-        ax.scatter([r["train_images"] for r in mine], [r["top1"] for r in mine], s=14, alpha=0.7,
-                   color=colour, label=f"{group} ({len(mine)} classes)")
-    ax.axvline(head_threshold, color="grey", linestyle="--", linewidth=1)
-    ax.set_xscale("log")
-    ax.set_ylim(-0.03, 1.03)
-    ax.set_xlabel("training images of the class (log)")
-    ax.set_ylabel("test top-1 of the class")
-    ax.set_title(f"{model}: per-class accuracy against training data")
-    ax.legend(loc="upper left")
-    fig.tight_layout()
-    buffer = io.BytesIO()
-    fig.savefig(buffer, format="png")
-    plt.close(fig)
-    return buffer.getvalue()
+    return figures.png(draw, figsize=(7, 4.5))
 
 
 def csv_text(rows: list[dict]) -> str:

@@ -1,12 +1,11 @@
 """Long-tail bookkeeping: class sizes, head/tail and many/medium/few groups, dataset statistics, the plot."""
 from __future__ import annotations
 
-import io
 import statistics
 from collections import Counter
 from collections.abc import Callable, Iterable
 
-from sicot import storage
+from sicot import figures, storage
 
 MANY, FEW = 100, 20  # the field's convention: many > 100 >= medium >= 20 > few
 
@@ -85,27 +84,20 @@ def data_stats(manifest, head_threshold: int) -> dict:
 
 def plot_long_tail(counts: dict[str, int], threshold: int, path: str) -> None:
     """PNG of class sizes, largest first, on a log axis, with the head/tail boundary marked."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
     sizes = sorted(counts.values(), reverse=True)
     n_head = sum(n >= threshold for n in sizes)
-    fig, ax = plt.subplots(figsize=(7, 3.5), dpi=100)
-    ax.bar(range(n_head), sizes[:n_head], width=1.0, color="#31688e", label=f"head (≥ {threshold} images)")
-    ax.bar(range(n_head, len(sizes)), sizes[n_head:], width=1.0, color="#fb8b24", label="tail")
-    ax.axhline(threshold, color="black", linewidth=0.8, linestyle="--")
-    if 0 < n_head < len(sizes):
-        ax.axvline(n_head - 0.5, color="black", linewidth=0.8)
-    ax.set_yscale("log")
-    ax.set_xlabel("class (sorted by training images)")
-    ax.set_ylabel("training images")
-    ax.set_title(f"{len(sizes)} classes, imbalance {imbalance(counts):.0f}:1, "
-                 f"{n_head} head / {len(sizes) - n_head} tail")
-    ax.legend(loc="upper right")
-    fig.tight_layout()
-    buf = io.BytesIO()
-    fig.savefig(buf, format="png")
-    plt.close(fig)
-    storage.write_bytes(str(path), buf.getvalue())
+
+    def draw(ax) -> None:
+        ax.bar(range(n_head), sizes[:n_head], width=1.0, color="#31688e", label=f"head (≥ {threshold} images)")
+        ax.bar(range(n_head, len(sizes)), sizes[n_head:], width=1.0, color="#fb8b24", label="tail")
+        ax.axhline(threshold, color="black", linewidth=0.8, linestyle="--")
+        if 0 < n_head < len(sizes):
+            ax.axvline(n_head - 0.5, color="black", linewidth=0.8)
+        ax.set_yscale("log")
+        ax.set_xlabel("class (sorted by training images)")
+        ax.set_ylabel("training images")
+        ax.set_title(f"{len(sizes)} classes, imbalance {imbalance(counts):.0f}:1, "
+                     f"{n_head} head / {len(sizes) - n_head} tail")
+        ax.legend(loc="upper right")
+
+    storage.write_bytes(str(path), figures.png(draw, figsize=(7, 3.5)))
